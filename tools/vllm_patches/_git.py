@@ -1,0 +1,48 @@
+"""Every git call goes through :func:`run_git`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vllm_patches._proc import run_subprocess
+
+# A fixed identity and dates so that trees made by the tools are reproducible.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "vllm-lmcache-mp",
+    "GIT_AUTHOR_EMAIL": "vllm-lmcache-mp@localhost",
+    "GIT_COMMITTER_NAME": "vllm-lmcache-mp",
+    "GIT_COMMITTER_EMAIL": "vllm-lmcache-mp@localhost",
+}
+
+
+def run_git(
+    args: Sequence[str | os.PathLike[str]],
+    cwd: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> str:
+    """Run ``git args`` in ``cwd`` and return its stdout.
+
+    :raises PatchToolError: on a non-zero exit, with the command and the tail of stderr.
+    """
+    proc = run_subprocess(["git", *args], cwd=cwd, env=env, check=check, what=f"git {args[0]}")
+    return proc.stdout
+
+
+def git_ok(args: Sequence[str | os.PathLike[str]], cwd: Path) -> bool:
+    """Whether ``git args`` exits 0."""
+    return run_subprocess(["git", *args], cwd=cwd, check=False).returncode == 0
+
+
+def is_git_worktree(path: Path) -> bool:
+    """Whether ``path`` is the top level of a git work tree."""
+    proc = run_subprocess(["git", "rev-parse", "--show-toplevel"], cwd=path, check=False)
+    return proc.returncode == 0 and Path(proc.stdout.strip()).resolve() == path.resolve()
+
+
+def outside_repo_env(path: Path) -> dict[str, str]:
+    """Environment that keeps git from finding a repository above ``path`` (plain trees)."""
+    return {"GIT_CEILING_DIRECTORIES": str(path.resolve().parent)}

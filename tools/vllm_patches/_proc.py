@@ -1,0 +1,48 @@
+"""The only place that starts subprocesses, and the project's logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vllm_patches.errors import PatchToolError
+
+logger = logging.getLogger("vllm_patches")
+
+
+def run_subprocess(
+    cmd: Sequence[str | os.PathLike[str]],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    check: bool = True,
+    what: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with captured text output.
+
+    :param cmd: argv list, never a shell string.
+    :param cwd: working directory.
+    :param env: extra environment variables laid over ``os.environ``.
+    :param check: raise :class:`PatchToolError` on a non-zero exit.
+    :param what: what the command does, for the error message.
+    :returns: the completed process.
+    """
+    argv = [str(c) for c in cmd]
+    full_env = {**os.environ, **env} if env else None
+    try:
+        proc = subprocess.run(
+            argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+    except FileNotFoundError:
+        msg = f"{argv[0]} is not installed or not on PATH; install it and run the command again"
+        raise PatchToolError(msg) from None
+    if check and proc.returncode != 0:
+        logger.debug("command failed: %s\n%s\n%s", argv, proc.stdout, proc.stderr)
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
+        msg = f"{what or ' '.join(argv[:3])} failed (exit {proc.returncode}): " + " | ".join(tail)
+        raise PatchToolError(msg)
+    return proc
