@@ -1,0 +1,135 @@
+"""Shared fixtures: real vLLM trees from real sdists (download-cached under ~/.cache)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vllm_patches.__main__ import apply_main, main
+from vllm_patches.series import CONNECTOR, load_manifest
+from vllm_patches.sources import checkout, fetch_sdist
+
+SUPPORTED = [
+    "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0",
+    "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0",
+]  # fmt: skip
+UPSTREAM = [
+    "0.22.0", "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0",
+    "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0",
+]  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true", help="run the tests marked full too")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="needs --full")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    return load_manifest()
+
+
+def run_cli(entry: Callable, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run a CLI entry point in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = entry([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *args: run_cli(main, capsys, *args)
+
+
+@pytest.fixture
+def apply_cli(capsys):
+    return lambda *args: run_cli(apply_main, capsys, *args)
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Hash of every file below ``root`` (``.git`` refs and HEAD included), to prove nothing changed."""
+    snap: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "objects" not in path.parts and path.name != "index":
+            snap[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return snap
+
+
+@pytest.fixture
+def git_tree(tmp_path) -> Callable[[str], Path]:
+    """A fresh git checkout (one commit, tag vX) of a release, cloned from the cache."""
+    return lambda version: checkout(version, tmp_path / f"vllm-{version}")
+
+
+@pytest.fixture
+def plain_tree(tmp_path) -> Callable[[str], Path]:
+    """An unpacked sdist of a release (no git)."""
+
+    def make(version: str) -> Path:
+        with tarfile.open(fetch_sdist(version)) as tar:
+            tar.extractall(tmp_path / "plain", filter="data")
+        return tmp_path / "plain" / f"vllm-{version}"
+
+    return make
+
+
+def _record_row(rel: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{rel},sha256={digest},{len(data)}"
+
+
+@pytest.fixture
+def fake_site(tmp_path) -> Callable[[str], tuple[Path, Path]]:
+    """A real interpreter (venv) where "vllm" is installed as the release's own kv_transfer files.
+
+    Enough for apply/revert bookkeeping; the import proofs use real installs (test_real_vllm.py).
+    """
+
+    def make(version: str) -> tuple[Path, Path]:
+        venv = tmp_path / f"site-{version}"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+        site = next((venv / "lib").glob("python3*/site-packages"))
+        dist_info = site / f"vllm-{version}+cpu.dist-info"
+        dist_info.mkdir()
+        rows = []
+        with tarfile.open(fetch_sdist(version)) as tar:
+            for member in tar.getmembers():
+                rel = member.name.split("/", 1)[-1]
+                if member.isfile() and (
+                    rel == "vllm/__init__.py" or rel.startswith("vllm/distributed/kv_transfer/")
+                ):
+                    data = tar.extractfile(member).read()
+                    (site / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (site / rel).write_bytes(data)
+                    rows.append(_record_row(rel, data))
+        for name, text in {
+            "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n",
+            "INSTALLER": "pip\n",
+        }.items():
+            (dist_info / name).write_text(text)
+            rows.append(_record_row(f"{dist_info.name}/{name}", text.encode()))
+        rows.append(f"{dist_info.name}/RECORD,,")
+        (dist_info / "RECORD").write_text("\n".join(rows) + "\n")
+        return venv / "bin" / "python", site
+
+    return make
+
+
+def connector_bytes(root: Path) -> bytes:
+    return (root / CONNECTOR).read_bytes()

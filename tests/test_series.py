@@ -1,0 +1,124 @@
+"""The series itself: headers, no duplicates, bases, and overlay == base + series."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SUPPORTED, UPSTREAM
+
+from vllm_patches.overlay import apply_to_bytes, regenerate
+from vllm_patches.series import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
+from vllm_patches.sources import read_sdist_file
+
+# OE-core meta/lib/oe/qa.py check_upstream_status.
+UPSTREAM_STATUS = re.compile(
+    r"^Upstream-Status: (Pending|Submitted|Denied|Inappropriate|Backport|Inactive-Upstream)"
+    r"( .+)?$",
+    re.M,
+)
+ALL_PATCHES = sorted(PATCHES_DIR.rglob("*.patch"))
+
+
+def _message(patch: Path) -> str:
+    text = patch.read_text()
+    return text[: text.index("\n---\n")]
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=lambda p: f"{p.parent.name}/{p.name[:4]}")
+def test_patch_headers(patch):
+    message = _message(patch)
+    assert message.startswith("From 0000000000000000000000000000000000000000 ")
+    assert UPSTREAM_STATUS.search(message), "missing or malformed Upstream-Status"
+    assert "Upstream-Status: Accepted" not in message
+    assert re.search(r"^Last-Update: \d{4}-\d{2}-\d{2}$", message, re.M)
+    trailers = [ln for ln in message.splitlines() if re.match(r"^[A-Z][\w-]+: ", ln)]
+    assert trailers[-1].startswith("Signed-off-by: "), "Signed-off-by must be the last trailer"
+    assert re.search(r"^Subject: \[PATCH\] \[KVConnector\]\[LMCache\] ", message, re.M)
+    assert "base-commit: " in patch.read_text()
+    if "Backport [" in message:
+        assert re.search(r"^Origin: backport, https://\S+", message, re.M)
+
+
+def test_no_patch_is_stored_twice():
+    bodies: dict[str, Path] = {}
+    for patch in ALL_PATCHES:
+        text = patch.read_text()
+        diff = text[text.index("\ndiff --git ") :]
+        # Same change against the same blob = the same patch stored twice.
+        key = hashlib.sha256(re.sub(r"@@ .* @@", "", diff).encode()).hexdigest()
+        assert key not in bodies, f"{patch} repeats {bodies[key]}"
+        bodies[key] = patch
+
+
+def test_manifest_covers_every_release(manifest):
+    assert set(manifest.releases) == set(SUPPORTED) | set(UPSTREAM)
+    referenced = {p for g in manifest.groups.values() for p in g.patches}
+    assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
+    for version in UPSTREAM:
+        assert manifest.releases[version].upstream == ("0001",)
+    for version in SUPPORTED:
+        numbers = [p.name[:4] for p in manifest.releases[version].patch_files]
+        assert numbers == ["0001", "0002", "0003"]
+
+
+def test_overlay_and_hashes_are_up_to_date():
+    assert regenerate(check=True) == []
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_base_plus_series_equals_overlay(manifest, version):
+    """For every supported release, its sdist's files + its series == the overlay, byte for byte."""
+    release = manifest.releases[version]
+    for group in release.groups:
+        base = read_sdist_file(version, group.path)
+        assert (sha256_bytes(base) if base is not None else "") == group.base_sha256
+        results = apply_to_bytes(group.path, base, [PATCHES_DIR / p for p in group.patches])
+        assert [sha256_bytes(r) for r in results] == list(group.results)
+        if group.installed:
+            assert group.overlay_file.read_bytes() == results[-1]
+
+
+@pytest.mark.parametrize("version", ["0.22.0", "0.33.0"])
+def test_upstream_releases_carry_42596(version):
+    text = read_sdist_file(version, CONNECTOR)
+    assert b"class LMCacheMPConnectorUpstream(" in text
+    assert b"LMCacheMPConnector = _resolve_lmcache_mp_connector()" in text
+
+
+def test_0001_on_021_is_upstreams_022_file(manifest):
+    """0001 is faithful: on 0.21.0 it yields exactly vLLM 0.22.0's file."""
+    group = manifest.releases["0.21.0"].groups[0]
+    base = read_sdist_file("0.21.0", group.path)
+    first = apply_to_bytes(group.path, base, [PATCHES_DIR / group.patches[0]])[0]
+    assert first == read_sdist_file("0.22.0", CONNECTOR)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_DIR.rglob("*.py")), ids=lambda p: p.parts[-7])
+def test_overlay_passes_vllms_ruff_config(manifest, overlay, tmp_path):
+    group = manifest.groups[overlay.relative_to(OVERLAY_DIR).parts[0]]
+    # Lay the file out as in vLLM's tree, so that ruff sees ``vllm`` as first-party.
+    (tmp_path / "pyproject.toml").write_bytes(read_sdist_file(group.base_release, "pyproject.toml"))
+    copy = tmp_path / group.path
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(overlay.read_bytes())
+    for parent in Path(group.path).parents:
+        if parent != Path():
+            (tmp_path / parent / "__init__.py").touch()
+    text = overlay.read_text()
+    assert text.startswith(
+        "# SPDX-License-Identifier: Apache-2.0\n"
+        "# SPDX-FileCopyrightText: Copyright contributors to the vLLM project\n"
+    )
+    for args in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *args, group.path],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,143 @@
+"""Command line: ``vllm-patches`` and ``apply-patches``. Parsing and error rendering only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vllm_patches.errors import PatchToolError
+
+
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", type=Path, help="a vLLM git checkout or source tree")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--site", action="store_true", help="the vLLM installed in this Python")
+    where.add_argument("--python", metavar="PATH", help="the vLLM installed in that Python")
+    parser.add_argument("--version", help="the vLLM release, if it cannot be detected")
+
+
+def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the CLI cheap
+    from vllm_patches.targets import resolve_target
+
+    if args.target is not None and (args.site or args.python):
+        msg = "give either a tree or --site/--python, not both"
+        raise PatchToolError(msg)
+    return resolve_target(args.target, site=args.site, python=args.python, version=args.version)
+
+
+def _cmd_checkout(args: argparse.Namespace) -> int:
+    from vllm_patches.sources import checkout
+
+    print(checkout(args.version, args.dest))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from vllm_patches.apply import status
+
+    print("\n".join(status(_target(args)).lines()))
+    return 0
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    from vllm_patches.overlay import regenerate
+
+    report = regenerate(check=args.check)
+    for line in report:
+        print(line)
+    if args.check and report:
+        msg = "vllm_overlay/ or patches/series.toml is stale; run tools/vllm-patches overlay"
+        raise PatchToolError(msg)
+    if not report:
+        print("vllm_overlay/ and patches/series.toml match the series")
+    return 0
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from vllm_patches.prove import prove
+
+    for line in prove(args.version, lmcache=args.lmcache):
+        print(line)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from vllm_patches.apply import apply
+
+    outcome = apply(_target(args), check=args.check, revert=args.revert, force=args.force)
+    print(outcome.message)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vllm-patches`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="vllm-patches", description="Carry the LMCacheMPConnector series onto vLLM."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("checkout", help="make a git checkout of a vLLM release from its sdist")
+    p.add_argument("version")
+    p.add_argument("--dest", type=Path, help="where (default: the cached checkout)")
+    p.set_defaults(func=_cmd_checkout)
+
+    p = sub.add_parser("status", help="unpatched, patched, upstream or modified")
+    _target_args(p)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("overlay", help="regenerate vllm_overlay/ and the manifest hashes")
+    p.add_argument("--check", action="store_true", help="only report differences")
+    p.set_defaults(func=_cmd_overlay)
+
+    p = sub.add_parser("prove", help="install vLLM, apply the series, show the resolved class")
+    p.add_argument("version")
+    p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
+    p.set_defaults(func=_cmd_prove)
+    return parser
+
+
+def apply_parser() -> argparse.ArgumentParser:
+    """The ``apply-patches`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="apply-patches", description="Apply the LMCacheMPConnector series to a vLLM target."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    _target_args(parser)
+    parser.add_argument("--check", action="store_true", help="say what would happen, change nothing")
+    parser.add_argument("--revert", action="store_true", help="take the series off again")
+    parser.add_argument("--force", action="store_true", help="go on despite local changes")
+    parser.set_defaults(func=_cmd_apply)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.func(args)
+    except PatchToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vllm-patches``."""
+    return _run(build_parser(), argv)
+
+
+def apply_main(argv: Sequence[str] | None = None) -> int:
+    """``apply-patches``."""
+    return _run(apply_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

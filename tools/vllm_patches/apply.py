@@ -1,0 +1,425 @@
+"""Put the series onto a target, tell whether it is there, and take it off again.
+
+Every operation checks everything first and changes nothing when a check fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from packaging.version import Version
+
+from vllm_patches._git import GIT_IDENTITY, git_ok, outside_repo_env, run_git
+from vllm_patches.errors import PatchToolError
+from vllm_patches.overlay import apply_to_bytes
+from vllm_patches.series import (
+    CONNECTOR,
+    PATCHES_DIR,
+    UPSTREAM_MARKERS,
+    Group,
+    Manifest,
+    Release,
+    load_manifest,
+)
+from vllm_patches.targets import Target
+
+Overall = Literal["unpatched", "patched", "upstream", "modified"]
+BACKUP_DIR = "vllm_lmcache_mp"
+BASE_KEY = "vllm-lmcache-mp-from"
+
+
+@dataclass
+class Status:
+    """Where a target stands with respect to its release's series."""
+
+    target: Target
+    overall: Overall
+    patches: dict[str, str] = field(default_factory=dict)
+    """Per patch number: ``applied``, ``missing`` or ``upstream``."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Per file: ``unpatched``, ``patched``, ``partial`` or ``modified``."""
+
+    def lines(self) -> list[str]:
+        detail = ", ".join(f"{n} {s}" for n, s in sorted(self.patches.items()))
+        return [self.overall, f"{self.target.describe()}: {detail or 'no patches'}"]
+
+
+def _groups(release: Release, target: Target) -> list[Group]:
+    return [g for g in release.groups if target.kind != "site" or g.installed]
+
+
+def _read(target: Target, path: str) -> bytes | None:
+    file = target.root / path
+    return file.read_bytes() if file.is_file() else None
+
+
+def _release(manifest: Manifest, target: Target) -> Release | None:
+    """The target's release, ``None`` for an unknown release that already has #42596."""
+    connector = _read(target, CONNECTOR)
+    if connector is None:
+        msg = (
+            f"vLLM {target.version} at {target.root} has no {CONNECTOR}; the connector first "
+            "shipped in vLLM 0.11.1 and the series starts at 0.12.0"
+        )
+        raise PatchToolError(msg)
+    known = manifest.releases
+    newest = max(known, key=Version)
+    if (
+        target.version not in known
+        and Version(target.version) > Version(newest)
+        and all(m in connector for m in UPSTREAM_MARKERS)
+    ):
+        return None
+    return manifest.release(target.version)
+
+
+def status(target: Target, manifest: Manifest | None = None) -> Status:
+    """Classify ``target``: unpatched, patched, upstream (the release has #42596) or modified."""
+    manifest = manifest or load_manifest()
+    release = _release(manifest, target)
+    if release is None:
+        return Status(target, "upstream", {"0001": "upstream"})
+    result = Status(target, "unpatched")
+    result.patches = dict.fromkeys(release.upstream, "upstream")
+    for group in _groups(release, target):
+        state, count = group.state(_read(target, group.path))
+        result.files[group.path] = state
+        for index, number in enumerate(group.numbers):
+            result.patches[number] = "applied" if index < count else "missing"
+    states = set(result.files.values())
+    if not states:
+        result.overall = "upstream" if release.upstream else "patched"
+    elif states == {"unpatched"}:
+        result.overall = "unpatched"
+    elif states == {"patched"}:
+        result.overall = "patched"
+    else:
+        result.overall = "modified"
+    return result
+
+
+def _refuse_modified(st: Status, force: bool) -> None:
+    bad = [p for p, s in st.files.items() if s not in ("unpatched", "patched")]
+    if bad and not force:
+        msg = (
+            f"{st.target.root / bad[0]} matches neither vLLM {st.target.version}'s original nor "
+            "the patched file (local changes?); restore it, or pass --force to try anyway"
+        )
+        raise PatchToolError(msg)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation did, in one line for the user."""
+
+    changed: bool
+    message: str
+
+
+# --- git checkouts ----------------------------------------------------------------------------
+
+
+def _git_dirty(root: Path) -> list[str]:
+    out = run_git(["status", "--porcelain", "--untracked-files=no"], root)
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def _git_current(root: Path) -> str:
+    name = run_git(["symbolic-ref", "--short", "-q", "HEAD"], root, check=False).strip()
+    return name or run_git(["rev-parse", "HEAD"], root).strip()
+
+
+def _identity_env(root: Path) -> dict[str, str]:
+    if git_ok(["config", "user.email"], root):
+        return {}
+    return GIT_IDENTITY
+
+
+def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
+    root = target.root
+    dirty = _git_dirty(root)
+    if dirty and not force:
+        msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
+        raise PatchToolError(msg)
+    branch = release.branch
+    if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], root):
+        msg = f"branch {branch} already exists in {root}; switch to it, or delete it to start again"
+        raise PatchToolError(msg)
+    origin = _git_current(root)
+    run_git(["switch", "-q", "-c", branch], root)
+    patches = [str(p) for p in release.patch_files]
+    try:
+        run_git(["am", "-q", "-3", "--keep-non-patch", *patches], root, env=_identity_env(root))
+    except PatchToolError as exc:
+        run_git(["am", "--abort"], root, check=False)
+        run_git(["switch", "-q", "-f", origin], root)
+        run_git(["branch", "-D", branch], root)
+        msg = (
+            f"the series for vLLM {release.version} does not apply to {root} ({exc}); "
+            "nothing was changed"
+        )
+        raise PatchToolError(msg) from None
+    run_git(["config", f"branch.{branch}.{BASE_KEY}", origin], root)
+    return Outcome(True, f"applied {len(patches)} patches to {root} on branch {branch}")
+
+
+def _revert_git(target: Target, release: Release, force: bool) -> Outcome:
+    root = target.root
+    branch = release.branch
+    if _git_current(root) != branch:
+        msg = f"{root} is not on the series branch {branch}; nothing to revert there"
+        raise PatchToolError(msg)
+    dirty = _git_dirty(root)
+    if dirty and not force:
+        msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
+        raise PatchToolError(msg)
+    origin = run_git(["config", f"branch.{branch}.{BASE_KEY}"], root, check=False).strip()
+    if not origin:
+        msg = f"branch {branch} was not made by apply-patches; switch back and delete it by hand"
+        raise PatchToolError(msg)
+    run_git(["switch", "-q", *(["-f"] if force else []), origin], root)
+    run_git(["branch", "-D", "-q", branch], root)
+    return Outcome(True, f"switched {root} back to {origin} and deleted {branch}")
+
+
+# --- plain trees and installed vLLM: file transactions -----------------------------------------
+
+
+def _transform(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:
+    patches = [PATCHES_DIR / p for p in group.patches]
+    if not reverse:
+        return apply_to_bytes(group.path, data, patches)[-1]
+    current = data
+    for patch in reversed(patches):
+        current = _reverse_one(group.path, current, patch)
+    return current
+
+
+def _reverse_one(path: str, data: bytes | None, patch: Path) -> bytes | None:
+    with tempfile.TemporaryDirectory(prefix="vllm-patches-") as tmp:
+        tree = Path(tmp) / "tree"
+        target = tree / path
+        target.parent.mkdir(parents=True)
+        if data is not None:
+            target.write_bytes(data)
+        run_git(["apply", "-R", "--whitespace=nowarn", str(patch)], tree, env=outside_repo_env(tree))
+        return target.read_bytes() if target.is_file() else None
+
+
+def _write_atomic(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        if path.exists():
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o644)  # noqa: PTH101
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_writable(dirs: set[Path], what: str) -> None:
+    for directory in sorted(dirs):
+        probe_dir = directory
+        while not probe_dir.exists():
+            probe_dir = probe_dir.parent
+        try:
+            fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".vllm-patches-probe-")
+        except OSError as exc:
+            msg = f"{probe_dir} is not writable ({exc.strerror}); {what}"
+            raise PatchToolError(msg) from None
+        os.close(fd)
+        Path(probe).unlink()
+
+
+@contextmanager
+def _transaction(root: Path) -> Iterator[dict[Path, bytes | None]]:
+    """Collect writes, then perform them; on failure restore every file already written."""
+    writes: dict[Path, bytes | None] = {}
+    yield writes
+    done: list[tuple[Path, bytes | None]] = []
+    try:
+        for path, data in writes.items():
+            old = path.read_bytes() if path.is_file() else None
+            _write_atomic(path, data)
+            done.append((path, old))
+    except OSError as exc:
+        for path, old in reversed(done):
+            _write_atomic(path, old)
+        msg = f"writing under {root} failed ({exc}); every file was restored"
+        raise PatchToolError(msg) from None
+
+
+def _plan(target: Target, release: Release, *, reverse: bool) -> dict[Path, bytes | None]:
+    plan: dict[Path, bytes | None] = {}
+    for group in _groups(release, target):
+        data = _read(target, group.path)
+        try:
+            plan[target.root / group.path] = _transform(group, data, reverse=reverse)
+        except PatchToolError:
+            msg = (
+                f"the series for vLLM {release.version} does not "
+                f"{'come off' if reverse else 'apply to'} {target.root / group.path}; "
+                "nothing was changed"
+            )
+            raise PatchToolError(msg) from None
+    return plan
+
+
+def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
+    plan = _plan(target, release, reverse=reverse)
+    _check_writable({p.parent for p in plan}, "make the tree writable first")
+    with _transaction(target.root) as writes:
+        writes.update(plan)
+    verb = "reverted" if reverse else "applied"
+    return Outcome(True, f"{verb} the series of vLLM {release.version} in {target.root}")
+
+
+# --- installed vLLM -----------------------------------------------------------------------------
+
+
+def _record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest}"
+
+
+def _rewrite_record(record: bytes, changes: dict[str, bytes | None]) -> bytes:
+    rows = list(csv.reader(io.StringIO(record.decode())))
+    seen: set[str] = set()
+    out: list[list[str]] = []
+    for row in rows:
+        if row and row[0] in changes:
+            seen.add(row[0])
+            data = changes[row[0]]
+            if data is not None:
+                out.append([row[0], _record_hash(data), str(len(data))])
+        else:
+            out.append(row)
+    for path, data in changes.items():
+        if path not in seen and data is not None:
+            out.insert(len(out) - 1, [path, _record_hash(data), str(len(data))])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(out)
+    return buffer.getvalue().encode()
+
+
+def _site_rel(target: Target, path: Path) -> str:
+    return path.relative_to(target.root).as_posix()
+
+
+def _apply_site(target: Target, release: Release) -> Outcome:
+    assert target.dist_info is not None
+    backup = target.dist_info / BACKUP_DIR
+    if backup.exists():
+        msg = f"{backup} exists from an earlier apply; run apply-patches --revert first"
+        raise PatchToolError(msg)
+    plan = _plan(target, release, reverse=False)
+    record_path = target.dist_info / "RECORD"
+    record = record_path.read_bytes()
+    state = {
+        "release": release.version,
+        "files": [_site_rel(target, p) for p in plan],
+    }
+    writes: dict[Path, bytes | None] = {}
+    changes: dict[str, bytes | None] = {}
+    for path, data in plan.items():
+        original = path.read_bytes()
+        saved = backup / "originals" / _site_rel(target, path)
+        writes[saved] = original
+        writes[path] = data
+        changes[_site_rel(target, saved)] = original
+        changes[_site_rel(target, path)] = data
+    writes[backup / "RECORD.orig"] = record
+    writes[backup / "state.json"] = json.dumps(state, indent=2).encode() + b"\n"
+    for extra in ("RECORD.orig", "state.json"):
+        changes[_site_rel(target, backup / extra)] = writes[backup / extra]
+    writes[record_path] = _rewrite_record(record, changes)
+    _check_writable({p.parent for p in writes}, "patch a vLLM you can write to (a venv)")
+    with _transaction(target.root) as pending:
+        pending.update(writes)
+    return Outcome(True, f"applied the series of vLLM {release.version} to {target.root}")
+
+
+def _revert_site(target: Target) -> Outcome:
+    assert target.dist_info is not None
+    backup = target.dist_info / BACKUP_DIR
+    state_file = backup / "state.json"
+    if not state_file.is_file():
+        msg = f"{target.dist_info} has no backup from apply-patches; nothing to revert"
+        raise PatchToolError(msg)
+    state = json.loads(state_file.read_text())
+    writes: dict[Path, bytes | None] = {}
+    for rel in state["files"]:
+        saved = backup / "originals" / rel
+        if not saved.is_file():
+            msg = f"the backup {saved} is missing; reinstall vLLM to get the original back"
+            raise PatchToolError(msg)
+        writes[target.root / rel] = saved.read_bytes()
+    writes[target.dist_info / "RECORD"] = (backup / "RECORD.orig").read_bytes()
+    _check_writable({p.parent for p in writes} | {backup}, "revert as a user who can write there")
+    with _transaction(target.root) as pending:
+        pending.update(writes)
+    shutil.rmtree(backup)
+    return Outcome(True, f"restored the original files of vLLM {target.version} in {target.root}")
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def apply(
+    target: Target, *, check: bool = False, revert: bool = False, force: bool = False
+) -> Outcome:
+    """Apply (or with ``revert`` remove) the series; ``check`` only says what would happen.
+
+    :raises PatchToolError: when the target cannot take the change; nothing is changed then.
+    """
+    manifest = load_manifest()
+    st = status(target, manifest)
+    release = _release(manifest, target)
+    if st.overall == "upstream" and (release is None or not st.files):
+        return Outcome(False, f"vLLM {target.version} already contains #42596: nothing to do")
+    assert release is not None
+    if revert:
+        return _revert(target, release, st, check=check, force=force)
+    if st.overall == "patched":
+        return Outcome(False, f"{target.describe()} is already patched: nothing to do")
+    _refuse_modified(st, force)
+    if check:
+        return Outcome(False, f"the series applies cleanly to {target.describe()}")
+    if target.kind == "git":
+        return _apply_git(target, release, force)
+    if target.kind == "tree":
+        return _apply_tree(target, release, reverse=False)
+    return _apply_site(target, release)
+
+
+def _revert(target: Target, release: Release, st: Status, *, check: bool, force: bool) -> Outcome:
+    if st.overall == "unpatched":
+        return Outcome(False, f"{target.describe()} is not patched: nothing to revert")
+    _refuse_modified(st, force)
+    if check:
+        return Outcome(False, f"the series can be reverted from {target.describe()}")
+    if target.kind == "git":
+        return _revert_git(target, release, force)
+    if target.kind == "site":
+        return _revert_site(target)
+    return _apply_tree(target, release, reverse=True)

@@ -1,0 +1,69 @@
+"""Cached virtual environments holding a real vLLM (built from its sdist) and a real lmcache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from vllm_patches._proc import logger, run_subprocess
+from vllm_patches.sources import cache_root, fetch_sdist
+
+TORCH = "torch==2.13.0"
+BUILD_DEPS = ("setuptools>=77,<81", "setuptools-scm", "wheel", "packaging", "ninja", "cmake", "jinja2")
+# What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
+TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
+
+
+def pip(python: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run pip of ``python``; pip's own configuration (index, proxy, certs) applies."""
+    run_subprocess(
+        [python, "-m", "pip", "--disable-pip-version-check", *args],
+        env=env,
+        what=f"pip {' '.join(args[:3])}",
+    )
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
+    """A cached venv with vLLM ``version`` (CPU platform, ``empty`` target) and lmcache.
+
+    :param version: the vLLM release; built from its sdist as ``X+cpu``.
+    :param lmcache: the lmcache release to install, or None for none.
+    :param test_deps: also install what vLLM's connector unit tests need.
+    :returns: the venv's python.
+    """
+    name = f"vllm-{version}-lmcache-{lmcache or 'none'}{'-tests' if test_deps else ''}"
+    venv = cache_root() / "venvs" / name
+    python = venv_python(venv)
+    marker = venv / ".complete"
+    if marker.is_file():
+        return python
+    if venv.exists():
+        shutil.rmtree(venv)
+    sdist = fetch_sdist(version)
+    logger.warning("building %s (a few minutes, cached afterwards)", venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    run_subprocess([sys.executable, "-m", "venv", venv], what="python -m venv")
+    try:
+        pip(python, "install", "-q", TORCH, *BUILD_DEPS)
+        build_env = {
+            "VLLM_TARGET_DEVICE": "empty",
+            "VLLM_VERSION_OVERRIDE": f"{version}+cpu",
+            "MAX_JOBS": str(os.cpu_count() or 2),
+        }
+        pip(python, "install", "-q", "--no-build-isolation", str(sdist), env=build_env)
+        extra = [f"lmcache=={lmcache}"] if lmcache else []
+        if test_deps:
+            extra += TEST_DEPS
+        if extra:
+            pip(python, "install", "-q", TORCH, *extra)
+    except BaseException:
+        shutil.rmtree(venv, ignore_errors=True)
+        raise
+    marker.write_text(f"vllm {version}\nlmcache {lmcache}\n")
+    return python

@@ -1,0 +1,57 @@
+"""The main job: a pinned vLLM, the series applied, and the proof that it resolves."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vllm_patches.apply import apply, status
+from vllm_patches.envs import vllm_env
+from vllm_patches.probe import probe, resolution_line
+from vllm_patches.sources import checkout
+from vllm_patches.targets import installed_vllm
+
+# An lmcache release of each vLLM release's time that imports with it.
+DEFAULT_LMCACHE = {"0.12": "0.3.9.post2", "0.13": "0.3.9.post2"}
+DEFAULT_LMCACHE_LATER = "0.5.3"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def default_lmcache(version: str) -> str:
+    """An lmcache release that imports with vLLM ``version``."""
+    return DEFAULT_LMCACHE.get(".".join(version.split(".")[:2]), DEFAULT_LMCACHE_LATER)
+
+
+def prove(version: str, lmcache: str | None = None) -> Iterator[str]:
+    """Check out ``version``, apply the series, install it patched, and show the resolution.
+
+    The cached install is reverted afterwards, so it stays the pristine release.
+    """
+    lmcache = lmcache or default_lmcache(version)
+    with tempfile.TemporaryDirectory(prefix="vllm-patches-prove-") as tmp:
+        tree = checkout(version, Path(tmp) / "vllm")
+        yield f"checkout: {tree} (tag v{version})"
+        from vllm_patches.targets import resolve_target
+
+        git_target = resolve_target(tree)
+        yield f"apply: {apply(git_target).message}"
+        yield f"status: {status(git_target).overall}"
+    python = vllm_env(version, lmcache)
+    site = installed_vllm(str(python))
+    yield f"installed: vLLM {site.version} + lmcache {lmcache} in {python.parents[1]}"
+    yield f"apply --python: {apply(site).message}"
+    try:
+        yield f"status: {status(site).overall}"
+        for env in ({}, {"LMCACHE_USE_UPSTREAM_MP": "1"}):
+            result = probe(python, env)
+            label = " ".join(f"{k}={v}" for k, v in env.items()) or "default"
+            if not result.ok:
+                yield f"[{label}] import failed: {result.error}"
+                continue
+            yield f"[{label}] LMCacheMPConnector = {result.cls}"
+            yield f"[{label}] KVConnectorFactory -> {result.factory} (KVConnectorBase_V1 subclass: {result.subclass})"
+            yield f"[{label}] log: {_ANSI.sub('', resolution_line(result.log))}"
+    finally:
+        yield f"revert: {apply(site, revert=True).message}"
