@@ -63,11 +63,19 @@ def apply_cli(capsys):
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:
-    """Hash of every file below ``root`` (``.git`` refs and HEAD included), to prove nothing changed."""
+    """Hash of every file below ``root``, and of git's HEAD, refs and config, to prove nothing changed.
+
+    git's own bookkeeping (objects, reflogs, ORIG_HEAD, the index's stat cache) may change.
+    """
     snap: dict[str, str] = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and "objects" not in path.parts and path.name != "index":
-            snap[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(".git/") and not (
+            rel in (".git/HEAD", ".git/config", ".git/packed-refs") or rel.startswith(".git/refs/")
+        ):
+            continue
+        if path.is_file():
+            snap[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return snap
 
 

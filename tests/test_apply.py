@@ -1,0 +1,251 @@
+"""apply-patches and status on real vLLM trees made from real sdists."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from conftest import SUPPORTED, UPSTREAM, connector_bytes, tree_snapshot
+
+from vllm_patches.series import CONNECTOR, OVERLAY_DIR
+
+
+def _overlay(manifest, version: str) -> bytes:
+    group = next(g for g in manifest.releases[version].groups if g.path == CONNECTOR)
+    return (OVERLAY_DIR / group.name / CONNECTOR).read_bytes()
+
+
+def _git(tree, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=tree, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
+    """checkout -> apply -> patched -> file == overlay -> revert -> original bytes."""
+    tree = git_tree(version)
+    original = connector_bytes(tree)
+    assert cli("status", tree)[1].splitlines()[0] == "unpatched"
+    code, out, _ = apply_cli(tree)
+    assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
+    code, out, _ = cli("status", tree)
+    assert out.splitlines() == [
+        "patched",
+        f"git checkout {tree} (vLLM {version}): 0001 applied, 0002 applied, 0003 applied",
+    ]
+    assert connector_bytes(tree) == _overlay(manifest, version)
+    subjects = _git(tree, "log", "--format=%s", f"v{version}..HEAD").splitlines()
+    assert subjects == [
+        "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
+        "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
+        "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation",
+    ]
+    assert _git(tree, "rev-parse", "main") == _git(tree, "rev-parse", f"v{version}")
+    assert apply_cli(tree)[:2] == (0, f"git checkout {tree} (vLLM {version}) is already patched: nothing to do\n")
+    code, out, _ = apply_cli("--revert", tree)
+    assert code == 0
+    assert connector_bytes(tree) == original
+    assert _git(tree, "branch", "--show-current") == "main"
+    assert cli("status", tree)[1].splitlines()[0] == "unpatched"
+
+
+@pytest.mark.parametrize("version", ["0.12.0", "0.18.1", "0.21.0"])
+def test_plain_tree_round_trip(manifest, plain_tree, cli, apply_cli, version):
+    tree = plain_tree(version)
+    before = tree_snapshot(tree)
+    assert apply_cli(tree)[0] == 0
+    assert connector_bytes(tree) == _overlay(manifest, version)
+    assert (tree / "tests/v1/kv_connector/unit/test_lmcache_mp_connector_resolution.py").is_file()
+    assert cli("status", tree)[1].startswith("patched\n")
+    assert apply_cli(tree)[1].endswith("is already patched: nothing to do\n")
+    assert apply_cli("--revert", tree)[0] == 0
+    assert tree_snapshot(tree) == before
+
+
+@pytest.mark.parametrize("version", UPSTREAM)
+def test_upstream_releases_are_a_no_op(git_tree, cli, apply_cli, version):
+    tree = git_tree(version)
+    before = tree_snapshot(tree)
+    assert cli("status", tree)[1].splitlines() == [
+        "upstream",
+        f"git checkout {tree} (vLLM {version}): 0001 upstream",
+    ]
+    code, out, _ = apply_cli(tree)
+    assert (code, out) == (0, f"vLLM {version} already contains #42596: nothing to do\n")
+    assert tree_snapshot(tree) == before
+
+
+def test_unknown_newer_release_with_42596_is_upstream(git_tree, cli):
+    tree = git_tree("0.33.0")
+    assert cli("status", tree, "--version", "0.99.0")[1].startswith("upstream\n")
+
+
+def test_check_changes_nothing(git_tree, apply_cli):
+    tree = git_tree("0.21.0")
+    before = tree_snapshot(tree)
+    code, out, _ = apply_cli("--check", tree)
+    assert code == 0 and "applies cleanly" in out
+    assert tree_snapshot(tree) == before
+
+
+def test_user_branch_and_work_stay_intact(git_tree, apply_cli):
+    tree = git_tree("0.20.2")
+    _git(tree, "switch", "-q", "-c", "my-work")
+    (tree / "notes.txt").write_text("untracked work\n")
+    head = _git(tree, "rev-parse", "my-work")
+    assert apply_cli(tree)[0] == 0
+    assert _git(tree, "rev-parse", "my-work") == head
+    assert (tree / "notes.txt").read_text() == "untracked work\n"
+    assert apply_cli("--revert", tree)[0] == 0
+    assert _git(tree, "branch", "--show-current") == "my-work"
+
+
+# --- bad input: one clear line, non-zero exit, nothing changed ------------------------------------
+
+
+def _refused(apply_cli, tree, *args, match: str) -> None:
+    before = tree_snapshot(tree)
+    code, out, err = apply_cli(*args, tree)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert match in err, err
+    assert tree_snapshot(tree) == before
+
+
+def test_not_a_vllm_tree(tmp_path, apply_cli):
+    (tmp_path / "README").write_text("hello\n")
+    _refused(apply_cli, tmp_path, match="is not a vLLM source tree (no vllm/__init__.py)")
+
+
+def test_release_without_the_file(plain_tree, apply_cli):
+    tree = plain_tree("0.11.0")
+    _refused(apply_cli, tree, match="has no vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py")
+
+
+def test_release_older_than_the_series(plain_tree, apply_cli):
+    tree = plain_tree("0.11.2")
+    _refused(apply_cli, tree, match="vLLM 0.11.2 is not supported: its lmcache_mp_connector.py predates")
+
+
+def test_unsupported_release(git_tree, apply_cli):
+    tree = git_tree("0.21.0")
+    _refused(apply_cli, tree, "--version", "0.21.7", match="vLLM 0.21.7 has no series (supported: 0.12.0")
+
+
+def test_dirty_work_tree(git_tree, apply_cli):
+    tree = git_tree("0.21.0")
+    (tree / "setup.py").write_text((tree / "setup.py").read_text() + "\n# local\n")
+    _refused(apply_cli, tree, match="has uncommitted changes (setup.py); commit or stash them first")
+
+
+def test_locally_modified_target_file(git_tree, apply_cli):
+    tree = git_tree("0.19.1")
+    path = tree / CONNECTOR
+    path.write_text(path.read_text() + "\n# local change\n")
+    _git(tree, "commit", "-qam", "local change")
+    _refused(apply_cli, tree, match="matches neither vLLM 0.19.1's original nor the patched file")
+
+
+def test_series_that_does_not_apply(git_tree, apply_cli):
+    """--force on a conflicting file: git am -3 fails, and everything is put back."""
+    tree = git_tree("0.17.1")
+    path = tree / CONNECTOR
+    path.write_text(path.read_text().replace("class LMCacheMPConnector(", "class MyConnector("))
+    _git(tree, "commit", "-qam", "rename the class")
+    _refused(apply_cli, tree, "--force", match="the series for vLLM 0.17.1 does not apply to")
+    assert _git(tree, "branch", "--list", "vllm-lmcache-mp/*") == ""
+    assert _git(tree, "status", "--porcelain") == ""
+
+
+def test_plain_tree_modified_file(plain_tree, apply_cli):
+    tree = plain_tree("0.14.1")
+    path = tree / CONNECTOR
+    path.write_text(path.read_text().replace("class LMCacheMPConnector(", "class MyConnector("))
+    _refused(apply_cli, tree, match="matches neither vLLM 0.14.1's original nor the patched file")
+    _refused(apply_cli, tree, "--force", match="the series for vLLM 0.14.1 does not apply to")
+
+
+def test_existing_series_branch(git_tree, apply_cli):
+    tree = git_tree("0.21.0")
+    _git(tree, "branch", "vllm-lmcache-mp/v0.21.0")
+    _refused(apply_cli, tree, match="branch vllm-lmcache-mp/v0.21.0 already exists")
+
+
+def test_undetectable_version(plain_tree, apply_cli):
+    tree = plain_tree("0.21.0")
+    (tree / "PKG-INFO").unlink()
+    _refused(apply_cli, tree, match="cannot tell which vLLM release")
+
+
+# --- installed vLLM (--python): bookkeeping on a minimal real install ----------------------------
+
+
+def _record(site):
+    return next(site.glob("vllm-*.dist-info")) / "RECORD"
+
+
+@pytest.mark.parametrize("version", ["0.12.0", "0.21.0"])
+def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, version):
+    import base64
+    import csv
+    import hashlib
+
+    python, site = fake_site(version)
+    before = tree_snapshot(site)
+    assert apply_cli("--python", python)[0] == 0
+    assert (site / CONNECTOR).read_bytes() == _overlay(manifest, version)
+    code, out, _ = cli("status", "--python", python)
+    assert out.splitlines()[0] == "patched"
+    assert "0001 applied, 0002 applied" in out and "0003" not in out
+    rows = {r[0]: r for r in csv.reader(_record(site).read_text().splitlines())}
+    for rel, row in rows.items():
+        if row[1]:
+            data = (site / rel).read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert row[1:] == [f"sha256={digest}", str(len(data))], rel
+    listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
+    assert listed <= set(rows), "every file must be in RECORD so that pip uninstall removes it"
+    assert apply_cli("--python", python)[1].endswith("is already patched: nothing to do\n")
+    assert apply_cli("--revert", "--python", python)[0] == 0
+    assert tree_snapshot(site) == before
+
+
+def test_site_read_only(fake_site, apply_cli):
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available to make a directory read-only as root")
+    python, site = fake_site("0.21.0")
+    folder = (site / CONNECTOR).parent
+    before = tree_snapshot(site)
+    subprocess.run(["chattr", "+i", folder], check=True)
+    try:
+        code, out, err = apply_cli("--python", python)
+    finally:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    assert code == 1 and "is not writable" in err and err.count("\n") == 1
+    assert tree_snapshot(site) == before
+
+
+def test_site_without_vllm(tmp_path, apply_cli):
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "v"], check=True)
+    code, _, err = apply_cli("--python", tmp_path / "v/bin/python")
+    assert code == 1 and "no vllm is installed in" in err
+
+
+def test_site_revert_without_apply(fake_site, apply_cli):
+    python, site = fake_site("0.21.0")
+    code, out, _ = apply_cli("--revert", "--python", python)
+    assert code == 0 and out.endswith("is not patched: nothing to revert\n")
+
+
+def test_site_modified_after_patching(fake_site, apply_cli):
+    python, site = fake_site("0.21.0")
+    assert apply_cli("--python", python)[0] == 0
+    (site / CONNECTOR).write_text("# edited by hand\n")
+    before = tree_snapshot(site)
+    code, _, err = apply_cli("--revert", "--python", python)
+    assert code == 1 and "matches neither" in err
+    assert tree_snapshot(site) == before

@@ -1,0 +1,169 @@
+"""Proof on real installs: vLLM built from its sdist (CPU, ``empty`` target) + a real lmcache.
+
+Fakes are used only where no real lmcache gives the case: a module that raises at import, or
+that exports the wrong type; and on vLLM 0.12.0, whose lmcache has no MP connector at all.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vllm_patches.apply import apply, status
+from vllm_patches.envs import vllm_env
+from vllm_patches.probe import probe, resolution_line
+from vllm_patches.series import CONNECTOR
+from vllm_patches.targets import installed_vllm
+
+pytestmark = pytest.mark.slow
+
+LMCACHE_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
+BUILTIN = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnectorUpstream"
+UNPATCHED = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
+# (vLLM, lmcache of its time): the oldest and the newest supported release.
+PAIRS = {"0.12.0": "0.3.9.post2", "0.21.0": "0.5.3"}
+GOOD = """
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+class LMCacheMPConnector(KVConnectorBase_V1):
+    pass
+"""
+
+
+def fake_lmcache_module(tmp_path: Path, source: str) -> Path:
+    """A sys.path entry whose sitecustomize serves ``source`` as lmcache's connector module."""
+    module = tmp_path / "fake_connector.py"
+    module.write_text(textwrap.dedent(source))
+    (tmp_path / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
+        import importlib.abc, importlib.util, sys
+
+        class _Fake(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == {LMCACHE_MODULE!r}:
+                    return importlib.util.spec_from_file_location(name, {str(module)!r})
+                return None
+
+        sys.meta_path.insert(0, _Fake())
+        """)
+    )
+    return tmp_path
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def patched(request):
+    """A real vLLM + lmcache, patched for the module's tests and reverted afterwards."""
+    version = request.param
+    python = vllm_env(version, PAIRS[version])
+    site = installed_vllm(str(python))
+    original = (site.root / CONNECTOR).read_bytes()
+    unpatched = probe(python)
+    assert apply(site).changed
+    yield version, python, site, unpatched
+    apply(site, revert=True)
+    assert (site.root / CONNECTOR).read_bytes() == original
+    assert status(site).overall == "unpatched"
+
+
+def _clean(log: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", resolution_line(log))
+
+
+def test_unpatched_release_has_only_the_builtin(patched):
+    _, _, _, unpatched = patched
+    assert unpatched.ok and unpatched.cls == UNPATCHED and unpatched.factory_is_cls
+
+
+def test_status_is_patched(patched):
+    _, _, site, _ = patched
+    assert status(site).overall == "patched"
+
+
+def test_default_resolution_with_real_lmcache(patched):
+    version, python, _, _ = patched
+    result = probe(python)
+    assert result.ok and result.cls == BUILTIN and result.factory_is_cls and result.subclass
+    line = _clean(result.log)
+    if version == "0.12.0":
+        # lmcache 0.3.9.post2 has no MP connector: the quiet, info-level fallback.
+        assert "INFO" in line and f"{LMCACHE_MODULE} is not installed" in line
+    else:
+        # lmcache 0.5.3's main module needs vLLM >= 0.23 (KVCacheSpecKind): a warning.
+        assert "WARNING" in line and "KVCacheSpecKind" in line and "lmcache 0.5.3" in line
+
+
+@pytest.mark.parametrize("value", ["1", "true", " ON "])
+def test_env_forces_builtin(patched, value):
+    _, python, _, _ = patched
+    result = probe(python, {"LMCACHE_USE_UPSTREAM_MP": value})
+    assert result.cls == BUILTIN and result.factory_is_cls
+    assert "forced by LMCACHE_USE_UPSTREAM_MP" in _clean(result.log)
+
+
+def test_env_zero_does_not_force(patched, tmp_path):
+    """Upstream forced the builtin for any non-empty value, even 0."""
+    _, python, _, _ = patched
+    result = probe(python, {"LMCACHE_USE_UPSTREAM_MP": "0"}, [fake_lmcache_module(tmp_path, GOOD)])
+    assert result.cls == f"{LMCACHE_MODULE}.LMCacheMPConnector"
+
+
+def test_importable_lmcache_module_wins(patched, tmp_path):
+    version, python, _, _ = patched
+    # On 0.21.0 serve lmcache's real frozen connector (it imports there) under the main name;
+    # lmcache 0.3.9.post2 (the one vLLM 0.12.0 imports with) has no MP connector: a fake class.
+    source = (
+        "from lmcache.integration.vllm.lmcache_mp_connector_0180 import LMCacheMPConnector\n"
+        if version == "0.21.0"
+        else GOOD
+    )
+    result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, source)])
+    expected = (
+        "lmcache.integration.vllm.lmcache_mp_connector_0180.LMCacheMPConnector"
+        if version == "0.21.0"
+        else f"{LMCACHE_MODULE}.LMCacheMPConnector"
+    )
+    assert result.ok and result.cls == expected
+    assert result.factory == expected and result.factory_is_cls and result.subclass
+    assert "using " in _clean(result.log)
+
+
+@pytest.mark.parametrize(
+    "source, reason",
+    [
+        ("raise RuntimeError('lmcache is broken')", "RuntimeError: lmcache is broken"),
+        ("LMCacheMPConnector = object", "not a KVConnectorBase_V1 subclass"),
+    ],
+)
+def test_broken_lmcache_module_falls_back(patched, tmp_path, source, reason):
+    _, python, _, _ = patched
+    result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, source)])
+    assert result.ok, "vLLM must keep running"
+    assert result.cls == BUILTIN and result.factory_is_cls and result.subclass
+    line = _clean(result.log)
+    assert "WARNING" in line and reason in line
+
+
+def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
+    """Why 0002 exists: with 0001 alone, a RuntimeError at import stops vLLM."""
+    version, python, site, _ = patched
+    # Put the 0001-only file in place for this one probe.
+    from vllm_patches.overlay import apply_to_bytes
+    from vllm_patches.series import PATCHES_DIR, load_manifest
+
+    group = next(g for g in load_manifest().releases[version].groups if g.path == CONNECTOR)
+    path = site.root / CONNECTOR
+    patched_bytes = path.read_bytes()
+    from vllm_patches.sources import read_sdist_file
+
+    only_0001 = apply_to_bytes(
+        CONNECTOR, read_sdist_file(group.base_release, CONNECTOR), [PATCHES_DIR / group.patches[0]]
+    )[0]
+    path.write_bytes(only_0001)
+    try:
+        result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, "raise RuntimeError('x')")])
+    finally:
+        path.write_bytes(patched_bytes)
+    assert not result.ok and "RuntimeError: x" in result.error
