@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from vllm_patches.__main__ import apply_main, main
 from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
@@ -44,7 +43,9 @@ def manifest():
     return load_manifest()
 
 
-def run_cli(entry: Callable, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+def run_cli(
+    entry: Callable, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
     """Run a CLI entry point in-process; return (exit code, stdout, stderr)."""
     capsys.readouterr()
     code = entry([str(a) for a in args])
@@ -63,7 +64,7 @@ def apply_cli(capsys):
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:
-    """Hash of every file below ``root``, and of git's HEAD, refs and config, to prove nothing changed.
+    """Hash of every file below ``root`` and of git's HEAD, refs and config (proves no change).
 
     git's own bookkeeping (objects, reflogs, ORIG_HEAD, the index's stat cache) may change.
     """

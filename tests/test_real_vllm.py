@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from vllm_patches.apply import apply, status
 from vllm_patches.envs import vllm_env
 from vllm_patches.probe import probe, resolution_line
@@ -21,7 +20,9 @@ from vllm_patches.targets import installed_vllm
 pytestmark = pytest.mark.slow
 
 LMCACHE_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
-BUILTIN = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnectorUpstream"
+BUILTIN = (
+    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnectorUpstream"
+)
 UNPATCHED = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
 # (vLLM, lmcache of its time): the oldest and the newest supported release.
 PAIRS = {"0.12.0": "0.3.9.post2", "0.21.0": "0.5.3"}
@@ -163,7 +164,9 @@ def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
     )[0]
     path.write_bytes(only_0001)
     try:
-        result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, "raise RuntimeError('x')")])
+        result = probe(
+            python, pythonpath=[fake_lmcache_module(tmp_path, "raise RuntimeError('x')")]
+        )
     finally:
         path.write_bytes(patched_bytes)
     assert not result.ok and "RuntimeError: x" in result.error

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from conftest import SUPPORTED, UPSTREAM
-
 from vllm_patches.overlay import apply_to_bytes, regenerate
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
 from vllm_patches.sources import read_sdist_file

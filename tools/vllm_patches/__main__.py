@@ -64,6 +64,26 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_test(args: argparse.Namespace) -> int:
+    from vllm_patches.vllm_tests import run_vllm_tests
+
+    report = run_vllm_tests(args.version, args.lmcache, args.out)
+    for name, run in (("baseline", report.baseline), ("patched", report.patched)):
+        counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
+        print(f"{name}: {counts} in {run.seconds:.1f} s")
+    resolution = [t for t, o in report.patched.outcomes.items() if "resolution" in t]
+    passed = sum(report.patched.outcomes[t] == "passed" for t in resolution)
+    print(f"0003 resolution tests: {passed}/{len(resolution)} passed")
+    if report.regressions:
+        msg = f"{len(report.regressions)} regressions, first {report.regressions[0]}"
+        raise PatchToolError(msg)
+    if passed != len(resolution) or not resolution:
+        msg = "the series' own resolution tests (0003) did not all pass"
+        raise PatchToolError(msg)
+    print(f"no regressions; report in {(args.out or Path.cwd() / f'vllm-tests-{args.version}')}")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from vllm_patches.apply import apply
 
@@ -97,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
     p.set_defaults(func=_cmd_prove)
+
+    p = sub.add_parser("test", help="run vLLM's connector unit tests, unpatched vs patched")
+    p.add_argument("version")
+    p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
+    p.add_argument("--out", type=Path, help="report directory (default: ./vllm-tests-VERSION)")
+    p.set_defaults(func=_cmd_test)
     return parser
 
 
@@ -107,7 +133,9 @@ def apply_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
     _target_args(parser)
-    parser.add_argument("--check", action="store_true", help="say what would happen, change nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="say what would happen, change nothing"
+    )
     parser.add_argument("--revert", action="store_true", help="take the series off again")
     parser.add_argument("--force", action="store_true", help="go on despite local changes")
     parser.set_defaults(func=_cmd_apply)

@@ -214,7 +214,9 @@ def _reverse_one(path: str, data: bytes | None, patch: Path) -> bytes | None:
         target.parent.mkdir(parents=True)
         if data is not None:
             target.write_bytes(data)
-        run_git(["apply", "-R", "--whitespace=nowarn", str(patch)], tree, env=outside_repo_env(tree))
+        run_git(
+            ["apply", "-R", "--whitespace=nowarn", str(patch)], tree, env=outside_repo_env(tree)
+        )
         return target.read_bytes() if target.is_file() else None
 
 

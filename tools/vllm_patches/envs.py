@@ -11,7 +11,15 @@ from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.sources import cache_root, fetch_sdist
 
 TORCH = "torch==2.13.0"
-BUILD_DEPS = ("setuptools>=77,<81", "setuptools-scm", "wheel", "packaging", "ninja", "cmake", "jinja2")
+BUILD_DEPS = (
+    "setuptools>=77,<81",
+    "setuptools-scm",
+    "wheel",
+    "packaging",
+    "ninja",
+    "cmake",
+    "jinja2",
+)
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 

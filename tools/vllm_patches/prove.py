@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vllm_patches.apply import apply, status
 from vllm_patches.envs import vllm_env
+from vllm_patches.errors import PatchToolError
 from vllm_patches.probe import probe, resolution_line
 from vllm_patches.sources import checkout
 from vllm_patches.targets import installed_vllm
@@ -43,15 +44,25 @@ def prove(version: str, lmcache: str | None = None) -> Iterator[str]:
     yield f"installed: vLLM {site.version} + lmcache {lmcache} in {python.parents[1]}"
     yield f"apply --python: {apply(site).message}"
     try:
-        yield f"status: {status(site).overall}"
+        state = status(site).overall
+        if state != "patched":
+            msg = f"the installed vLLM {version} is {state} after apply-patches"
+            raise PatchToolError(msg)
+        yield f"status: {state}"
         for env in ({}, {"LMCACHE_USE_UPSTREAM_MP": "1"}):
             result = probe(python, env)
             label = " ".join(f"{k}={v}" for k, v in env.items()) or "default"
-            if not result.ok:
-                yield f"[{label}] import failed: {result.error}"
-                continue
+            if not (result.ok and result.factory_is_cls and result.subclass):
+                msg = (
+                    f"vLLM {version} patched does not resolve LMCacheMPConnector to a "
+                    f"KVConnectorBase_V1 subclass [{label}]: {result.error or result.factory}"
+                )
+                raise PatchToolError(msg)
             yield f"[{label}] LMCacheMPConnector = {result.cls}"
-            yield f"[{label}] KVConnectorFactory -> {result.factory} (KVConnectorBase_V1 subclass: {result.subclass})"
+            yield (
+                f"[{label}] KVConnectorFactory -> {result.factory} "
+                f"(KVConnectorBase_V1 subclass: {result.subclass})"
+            )
             yield f"[{label}] log: {_ANSI.sub('', resolution_line(result.log))}"
     finally:
         yield f"revert: {apply(site, revert=True).message}"

@@ -1,4 +1,4 @@
-"""vLLM sources: sdist download through pip's index, the cache, safe extraction, pinned checkouts."""
+"""vLLM sources: sdists through pip's index, the cache, safe extraction, pinned checkouts."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def index_url() -> str:
         )
         url = proc.stdout.strip() if proc.returncode == 0 else ""
     if not url:
-        from pip._internal.models.index import PyPI  # noqa: PLC2701 - pip's own default
+        from pip._internal.models.index import PyPI
 
         url = PyPI.simple_url
     return url.rstrip("/") + "/"

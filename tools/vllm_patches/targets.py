@@ -105,7 +105,10 @@ def resolve_target(
         kind: TargetKind = "git" if is_git_worktree(root) else "tree"
         detected = (_git_version(root) if kind == "git" else None) or _pkg_info_version(root)
         if detected is None and version is None:
-            msg = f"cannot tell which vLLM release {path} is (no vX.Y.Z tag, no PKG-INFO); pass --version"
+            msg = (
+                f"cannot tell which vLLM release {path} is (no vX.Y.Z tag, no PKG-INFO); "
+                "pass --version"
+            )
             raise PatchToolError(msg)
         target = Target(kind, root, detected or "")
     if version:
