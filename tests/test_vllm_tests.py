@@ -1,0 +1,24 @@
+"""vLLM's own connector unit tests, unpatched vs patched, on the oldest and newest release."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("version", ["0.12.0", "0.21.0"])
+def test_no_regressions_and_0003_passes(cli, tmp_path, version):
+    code, out, err = cli("test", version, "--out", tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["regressions"] == []
+    resolution = {
+        t: o for t, o in report["patched"]["outcomes"].items() if "lmcache_mp_connector_resolution" in t
+    }
+    assert len(resolution) == 22 and set(resolution.values()) == {"passed"}
+    assert not any("resolution" in t for t in report["baseline"]["outcomes"])
+    assert "passed" in report["baseline"]["outcomes"].values()
+    assert (tmp_path / "report.md").read_text().startswith(f"# vLLM {version} connector unit tests")
