@@ -25,19 +25,6 @@ UPSTREAM = [
 ]  # fmt: skip
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--full", action="store_true", help="run the tests marked full too")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--full"):
-        return
-    skip = pytest.mark.skip(reason="needs --full")
-    for item in items:
-        if "full" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def manifest():
     return load_manifest()

@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("version", ["0.12.0", "0.21.0"])
 def test_no_regressions_and_0003_passes(cli, tmp_path, version):
     code, out, err = cli("test", version, "--out", tmp_path)
+    assert "no regressions" in out
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["regressions"] == []
-    resolution = {
-        t: o for t, o in report["patched"]["outcomes"].items() if "lmcache_mp_connector_resolution" in t
-    }
+    outcomes = report["patched"]["outcomes"]
+    resolution = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
     assert len(resolution) == 22 and set(resolution.values()) == {"passed"}
     assert not any("resolution" in t for t in report["baseline"]["outcomes"])
     assert "passed" in report["baseline"]["outcomes"].values()

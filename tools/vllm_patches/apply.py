@@ -21,7 +21,7 @@ from typing import Literal
 
 from packaging.version import Version
 
-from vllm_patches._git import GIT_IDENTITY, git_ok, outside_repo_env, run_git
+from vllm_patches._git import GIT_IDENTITY, git_ok, run_git
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import apply_to_bytes
 from vllm_patches.series import (
@@ -199,25 +199,9 @@ def _revert_git(target: Target, release: Release, force: bool) -> Outcome:
 
 def _transform(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:
     patches = [PATCHES_DIR / p for p in group.patches]
-    if not reverse:
-        return apply_to_bytes(group.path, data, patches)[-1]
-    current = data
-    for patch in reversed(patches):
-        current = _reverse_one(group.path, current, patch)
-    return current
-
-
-def _reverse_one(path: str, data: bytes | None, patch: Path) -> bytes | None:
-    with tempfile.TemporaryDirectory(prefix="vllm-patches-") as tmp:
-        tree = Path(tmp) / "tree"
-        target = tree / path
-        target.parent.mkdir(parents=True)
-        if data is not None:
-            target.write_bytes(data)
-        run_git(
-            ["apply", "-R", "--whitespace=nowarn", str(patch)], tree, env=outside_repo_env(tree)
-        )
-        return target.read_bytes() if target.is_file() else None
+    if reverse:
+        patches.reverse()
+    return apply_to_bytes(group.path, data, patches, reverse=reverse)[-1]
 
 
 def _write_atomic(path: Path, data: bytes | None) -> None:

@@ -20,25 +20,33 @@ from vllm_patches.series import (
 from vllm_patches.sources import read_sdist_file
 
 
-def apply_to_bytes(path: str, base: bytes | None, patches: list[Path]) -> list[bytes]:
-    """Apply ``patches`` one by one to ``base`` (``None``: a new file) with ``git apply``.
+def apply_to_bytes(
+    path: str, base: bytes | None, patches: list[Path], *, reverse: bool = False
+) -> list[bytes | None]:
+    """Apply ``patches`` one by one to ``base`` (``None``: no file) with ``git apply``.
 
-    :returns: the file's bytes after each patch.
+    :param reverse: take each patch off instead (``git apply -R``), in the order given.
+    :returns: the file's bytes after each patch (``None`` where the file is gone).
     """
-    results: list[bytes] = []
+    results: list[bytes | None] = []
     with tempfile.TemporaryDirectory(prefix="vllm-patches-") as tmp:
         tree = Path(tmp) / "tree"
         target = tree / path
         target.parent.mkdir(parents=True)
         if base is not None:
             target.write_bytes(base)
+        flags = ["-R"] if reverse else []
         for patch in patches:
-            run_git(["apply", "--whitespace=nowarn", str(patch)], tree, env=outside_repo_env(tree))
-            results.append(target.read_bytes())
+            run_git(
+                ["apply", *flags, "--whitespace=nowarn", str(patch)],
+                tree,
+                env=outside_repo_env(tree),
+            )
+            results.append(target.read_bytes() if target.is_file() else None)
     return results
 
 
-def group_results(group: Group) -> tuple[bytes | None, list[bytes]]:
+def group_results(group: Group) -> tuple[bytes | None, list[bytes | None]]:
     """The group's base bytes (from its base release's sdist) and the bytes after each patch."""
     base = read_sdist_file(group.base_release, group.path)
     if (sha256_bytes(base) if base is not None else "") != group.base_sha256:

@@ -137,7 +137,8 @@ def _parse_junit(path: Path) -> Run:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                run.messages[test] = (child.get("message") or "")[:300]
+                text = f"{child.get('message') or ''}: {child.text or ''}"
+                run.messages[test] = text[:2000]
         run.outcomes[test] = outcome
     return run
 
@@ -204,10 +205,11 @@ def run_vllm_tests(version: str, lmcache: str | None = None, out: Path | None = 
         if outcome == "passed" and patched.outcomes.get(t) != "passed"
     )
     collection = {
-        t: msg + (" [needs GPU/CUDA]" if any(h in msg.lower() for h in GPU_HINTS) else "")
+        t: ("needs GPU/CUDA: " if any(h in msg.lower() for h in GPU_HINTS) else "")
+        + msg.splitlines()[-1][:200]
         for run in (baseline, patched)
         for t, msg in run.messages.items()
-        if "collection" in msg.lower()
+        if msg.startswith("collection failure")
     }
     report = Report(version, lmcache, baseline, patched, regressions, collection)
     out = out or Path.cwd() / f"vllm-tests-{version}"

@@ -1,0 +1,52 @@
+"""Pinned checkouts from real sdists, through pip's configured index, cached."""
+
+from __future__ import annotations
+
+import subprocess
+
+from vllm_patches.sources import cache_root, index_url
+
+
+def _git(tree, *args):
+    return subprocess.run(["git", *args], cwd=tree, check=True, capture_output=True, text=True)
+
+
+def test_checkout_is_cached_and_reused(cli):
+    code, out, _ = cli("checkout", "0.21.0")
+    first = out.splitlines()[-1]
+    assert code == 0 and first == str(cache_root() / "checkouts" / "v0.21.0")
+    head = _git(first, "rev-parse", "HEAD").stdout
+    assert _git(first, "rev-list", "--count", "HEAD").stdout.strip() == "1"
+    assert _git(first, "rev-parse", "v0.21.0^{commit}").stdout == head
+    code, out, _ = cli("checkout", "0.21.0")
+    assert out.splitlines()[-1] == first
+    assert _git(first, "rev-parse", "HEAD").stdout == head
+
+
+def test_checkout_dest(cli, tmp_path):
+    code, out, _ = cli("checkout", "0.12.0", "--dest", tmp_path / "v")
+    assert code == 0 and out.splitlines()[-1] == str(tmp_path / "v")
+    assert _git(tmp_path / "v", "describe", "--tags").stdout.strip() == "v0.12.0"
+    assert _git(tmp_path / "v", "status", "--porcelain").stdout == ""
+    assert (tmp_path / "v" / "PKG-INFO").read_text().startswith("Metadata-Version")
+
+
+def test_checkout_refuses_a_non_empty_dest(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, out, err = cli("checkout", "0.12.0", "--dest", tmp_path)
+    assert (code, out) == (1, "")
+    assert err == f"error: {tmp_path} exists and is not empty; pass another --dest or remove it\n"
+
+
+def test_unknown_and_malformed_versions(cli):
+    code, _, err = cli("checkout", "0.21.7")
+    assert code == 1 and err == (
+        "error: vLLM 0.21.7 has no sdist on the package index; pick a released version\n"
+    )
+    code, _, err = cli("checkout", "latest")
+    assert code == 1 and "'latest' is not a vLLM release number" in err
+
+
+def test_index_url_follows_pip(monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.invalid/simple")
+    assert index_url() == "https://mirror.invalid/simple/"
