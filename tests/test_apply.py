@@ -32,11 +32,16 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     code, out, _ = cli("status", tree)
     assert out.splitlines() == [
         "patched",
-        f"git checkout {tree} (vLLM {version}): 0001 applied, 0002 applied, 0003 applied",
+        f"git checkout {tree} (vLLM {version}): "
+        + ", ".join(f"000{n} applied" for n in range(1, 8)),
     ]
     assert connector_bytes(tree) == _overlay(manifest, version)
     subjects = _git(tree, "log", "--format=%s", f"v{version}..HEAD").splitlines()
     assert subjects == [
+        "[KVConnector][LMCache] Test the construction check of LMCacheMPConnector",
+        "[KVConnector][LMCache] Only pick an LMCacheMPConnector that can be built",
+        "[KVConnector][LMCache] Test the version-aware LMCacheMPConnector resolution",
+        "[KVConnector][LMCache] Pick lmcache's connector built for the running vLLM",
         "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation",
@@ -210,7 +215,8 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     assert (site / CONNECTOR).read_bytes() == _overlay(manifest, version)
     code, out, _ = cli("status", "--python", python)
     assert code == 0 and out.splitlines()[0] == "patched"
-    assert "0001 applied, 0002 applied" in out and "0003" not in out
+    assert "0001 applied, 0002 applied, 0004 applied, 0006 applied" in out
+    assert "0003" not in out
     rows = {r[0]: r for r in csv.reader(_record(site).read_text().splitlines())}
     for rel, row in rows.items():
         if row[1]:

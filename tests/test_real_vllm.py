@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from vllm_patches.apply import apply, status
-from vllm_patches.envs import vllm_env
+from vllm_patches.envs import lmcache_layer, vllm_env
 from vllm_patches.probe import probe, resolution_line
 from vllm_patches.series import CONNECTOR
 from vllm_patches.targets import installed_vllm
@@ -26,6 +26,11 @@ BUILTIN = (
 UNPATCHED = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
 # (vLLM, lmcache of its time): the oldest and the newest supported release.
 PAIRS = {"0.12.0": "0.3.9.post2", "0.21.0": "0.5.3"}
+FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
+# What the patched resolution picks with the venv's own lmcache when lmcache's main module is
+# unusable: nothing on 0.12.0 (lmcache 0.3.9.post2 has no MP connector); lmcache 0.5.3's _0201
+# on 0.21.0 (its _0201 imports and its calls bind; the builtin's do not).
+FALLBACK = {"0.12.0": BUILTIN, "0.21.0": FROZEN.format("0201")}
 GOOD = """
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
@@ -86,14 +91,20 @@ def test_status_is_patched(patched):
 def test_default_resolution_with_real_lmcache(patched):
     version, python, _, _ = patched
     result = probe(python)
-    assert result.ok and result.cls == BUILTIN and result.factory_is_cls and result.subclass
+    assert result.ok and result.cls == FALLBACK[version]
+    assert result.factory_is_cls and result.subclass
     line = _clean(result.log)
     if version == "0.12.0":
         # lmcache 0.3.9.post2 has no MP connector: the quiet, info-level fallback.
         assert "INFO" in line and f"{LMCACHE_MODULE} is not installed" in line
     else:
-        # lmcache 0.5.3's main module needs vLLM >= 0.23 (KVCacheSpecKind): a warning.
-        assert "WARNING" in line and "KVCacheSpecKind" in line and "lmcache 0.5.3" in line
+        # lmcache 0.5.3's main module needs vLLM >= 0.23 (KVCacheSpecKind); its frozen _0201
+        # imports and binds: lmcache's real connector, where upstream's resolution gives the
+        # builtin (which cannot even be built with lmcache 0.5.3).
+        assert "INFO" in line and "using lmcache.integration.vllm.lmcache_mp_connector_0201" in line
+        assert (
+            f"skipped {LMCACHE_MODULE}: ImportError: cannot import name 'KVCacheSpecKind'" in line
+        )
 
 
 @pytest.mark.parametrize("value", ["1", "true", " ON "])
@@ -139,12 +150,13 @@ def test_importable_lmcache_module_wins(patched, tmp_path):
     ],
 )
 def test_broken_lmcache_module_falls_back(patched, tmp_path, source, reason):
-    _, python, _, _ = patched
+    version, python, _, _ = patched
     result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, source)])
     assert result.ok, "vLLM must keep running"
-    assert result.cls == BUILTIN and result.factory_is_cls and result.subclass
+    assert result.cls == FALLBACK[version] and result.factory_is_cls and result.subclass
     line = _clean(result.log)
-    assert "WARNING" in line and reason in line
+    assert reason in line
+    assert ("WARNING" if version == "0.12.0" else "INFO") in line
 
 
 def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
@@ -170,3 +182,71 @@ def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
     finally:
         path.write_bytes(patched_bytes)
     assert not result.ok and "RuntimeError: x" in result.error
+
+
+# --- 0.21.0 with other real lmcache releases, laid over the venv's ------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_021():
+    python = vllm_env("0.21.0", PAIRS["0.21.0"])
+    site = installed_vllm(str(python))
+    apply(site)
+    yield python
+    apply(site, revert=True)
+
+
+def test_lmcache_050_picks_0180_not_0201_nor_builtin(vllm_021):
+    """lmcache 0.5.0's _0201 imports but its ParallelStrategy call does not bind."""
+    result = probe(vllm_021, pythonpath=[lmcache_layer(vllm_021, "0.5.0")])
+    assert result.ok and result.cls == FROZEN.format("0180") and result.factory_is_cls
+    line = _clean(result.log)
+    assert "lmcache 0.5.0" in line
+    assert "lmcache_mp_connector_0201: cannot be built: ParallelStrategy() at line" in line
+
+
+def test_lmcache_056_stops_with_one_clear_error(vllm_021):
+    """lmcache 0.5.6: no frozen copies, main module needs vLLM >= 0.23, builtin cannot build."""
+    layer = lmcache_layer(vllm_021, "0.5.6")
+    result = probe(vllm_021, pythonpath=[layer])
+    assert result.ok, "importing vLLM's module must still work (doctor, tools)"
+    assert result.cls.endswith(".LMCacheMPConnectorUnavailable") and result.subclass
+    line = _clean(result.log)
+    assert "ERROR" in line
+    assert "no connector can be built with vLLM 0.21.0 and lmcache 0.5.6" in line
+    assert "KVCacheSpecKind" in line and "vLLM's builtin connector: cannot be built" in line
+    assert "set LMCACHE_MP_CONNECTOR_MODULE" in line
+    import subprocess
+
+    build = subprocess.run(
+        [
+            vllm_021,
+            "-c",
+            (
+                "import vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector as m\n"
+                "m.LMCacheMPConnector(None, None)"
+            ),
+        ],
+        env={"PYTHONPATH": str(layer), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 1
+    assert "RuntimeError: LMCacheMPConnector: no connector can be built" in build.stderr
+
+
+@pytest.mark.parametrize(
+    "module, expected, reason",
+    [
+        ("lmcache.integration.vllm.lmcache_mp_connector_0180", FROZEN.format("0180"), "set by"),
+        ("no_such_module", "LMCacheMPConnectorUnavailable", "no_such_module is not installed"),
+        ("json", "LMCacheMPConnectorUnavailable", "json.LMCacheMPConnector is None"),
+    ],
+)
+def test_explicit_module_override(vllm_021, module, expected, reason):
+    result = probe(vllm_021, {"LMCACHE_MP_CONNECTOR_MODULE": module})
+    assert result.ok and result.cls.endswith(expected)
+    line = _clean(result.log)
+    assert reason in line
+    # The user's choice is the only candidate: the frozen _0201 is never tried instead.
+    assert "lmcache_mp_connector_0201" not in line

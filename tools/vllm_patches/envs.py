@@ -75,3 +75,22 @@ def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
         raise
     marker.write_text(f"vllm {version}\nlmcache {lmcache}\n")
     return python
+
+
+def lmcache_layer(python: Path, lmcache: str) -> Path:
+    """lmcache ``lmcache`` installed alone (``--no-deps``) into a directory of its own.
+
+    Put first on ``PYTHONPATH``, it replaces the venv's lmcache without a venv per release.
+    """
+    layer = cache_root() / "lmcache-layers" / f"lmcache-{lmcache}"
+    if (layer / ".complete").is_file():
+        return layer
+    if layer.exists():
+        shutil.rmtree(layer)
+    try:
+        pip(python, "install", "-q", "--no-deps", "--target", str(layer), f"lmcache=={lmcache}")
+    except BaseException:
+        shutil.rmtree(layer, ignore_errors=True)
+        raise
+    (layer / ".complete").write_text(f"lmcache {lmcache}\n")
+    return layer

@@ -1,11 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+import ast
 import enum
 import importlib
 import importlib.metadata
+import importlib.util
+import inspect
 import os
+import pkgutil
+import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import torch
@@ -24,6 +31,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import RequestStatus
 from vllm.v1.utils import ConstantList
+from vllm.version import __version_tuple__ as vllm_version_tuple
 
 try:
     from lmcache.integration.vllm.vllm_multi_process_adapter import (
@@ -1021,32 +1029,202 @@ def _load_external_lmcache_mp_connector(
     return connector_cls, "", False
 
 
+# lmcache ships copies of its connector frozen for older vLLM releases, named
+# after the release they were made for: ``lmcache_mp_connector_0201`` was made
+# for vLLM 0.20.1. Its main connector follows vLLM's newest release.
+_LMCACHE_MP_CONNECTOR_PACKAGE = "lmcache.integration.vllm"
+_FROZEN_MODULE_PATTERN = re.compile(r"lmcache_mp_connector_(\d)(\d\d)(\d)")
+# Filled in by _resolve_lmcache_mp_connector(): the module of the class chosen
+# and why, so that the connector factory can say which connector runs.
+LMCACHE_MP_CONNECTOR_RESOLUTION: dict[str, str] = {}
+
+
+def _frozen_lmcache_mp_connector_modules() -> list[str]:
+    """lmcache's frozen connector modules that may fit this vLLM, best first.
+
+    The module made for this vLLM's minor release comes first, then older
+    ones, newest first. A module made for a newer vLLM is never used.
+    """
+    try:
+        spec = importlib.util.find_spec(_LMCACHE_MP_CONNECTOR_PACKAGE)
+    except ImportError:
+        return []
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    running = tuple(vllm_version_tuple[:2])
+    bounded = all(isinstance(part, int) for part in running)
+    found: list[tuple[tuple[int, ...], str]] = []
+    for module_info in pkgutil.iter_modules(spec.submodule_search_locations):
+        match = _FROZEN_MODULE_PATTERN.fullmatch(module_info.name)
+        if match is None:
+            continue
+        made_for = tuple(int(part) for part in match.groups())
+        if bounded and made_for[:2] > running:
+            continue
+        found.append((made_for, f"{_LMCACHE_MP_CONNECTOR_PACKAGE}.{module_info.name}"))
+    return [module_name for _, module_name in sorted(found, reverse=True)]
+
+
+def _brief(reason: str, module_name: str) -> str:
+    """One short rejection reason: no repeated module name, no file paths."""
+    reason = reason.removeprefix(f"importing {module_name} failed: ")
+    return re.sub(r" \(/[^)]*\)", "", reason)
+
+
+def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
+    """The modules to try, in order, and whether the user named the module.
+
+    ``LMCACHE_MP_CONNECTOR_MODULE`` names the only module to try. Otherwise
+    lmcache's main connector comes first, then its frozen copies.
+    """
+    explicit = os.environ.get("LMCACHE_MP_CONNECTOR_MODULE", "").strip()
+    if explicit:
+        return [explicit], True
+    return [
+        _LMCACHE_MP_CONNECTOR_MODULE,
+        *_frozen_lmcache_mp_connector_modules(),
+    ], False
+
+
+def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
+    """Calls in ``module`` to lmcache that the installed lmcache cannot take.
+
+    Every call of an imported class or function that lives in ``lmcache`` is
+    bound to the installed object's signature, without calling anything. A module
+    whose calls do not bind fails in its constructor (for instance when an
+    adapter's arguments changed between lmcache releases). Being static, the
+    check gives the same answer in the scheduler and in every worker.
+    """
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    imported: dict[str, tuple[str, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = (node.module, alias.name)
+    mismatches: list[str] = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in imported
+        ):
+            continue
+        if any(isinstance(arg, ast.Starred) for arg in node.args) or any(
+            keyword.arg is None for keyword in node.keywords
+        ):
+            continue
+        source_module, name = imported[node.func.id]
+        try:
+            # The object the module really uses, else what the import names
+            # (imported here only from lmcache, for imports inside functions).
+            target = vars(module).get(node.func.id)
+            if target is None and source_module.split(".")[0] == "lmcache":
+                target = getattr(importlib.import_module(source_module), name)
+            if not getattr(target, "__module__", "").startswith("lmcache"):
+                continue
+            signature = inspect.signature(target)
+        except Exception:
+            continue
+        try:
+            signature.bind(
+                *range(len(node.args)), **{kw.arg: None for kw in node.keywords}
+            )
+        except TypeError as e:
+            mismatches.append(f"{name}() at line {node.lineno}: {e}")
+    return mismatches
+
+
+def _unbuildable_lmcache_mp_connector(message: str) -> type[KVConnectorBase_V1]:
+    """A connector class that stops vLLM with ``message`` when it is built."""
+
+    class LMCacheMPConnectorUnavailable(LMCacheMPConnectorUpstream):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(message)
+
+    return LMCacheMPConnectorUnavailable
+
+
 def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
     if _force_builtin_lmcache_mp_connector():
+        reason = (
+            f"forced by LMCACHE_USE_UPSTREAM_MP={os.environ['LMCACHE_USE_UPSTREAM_MP']}"
+        )
+        LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
         logger.info(
-            "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream "
-            "(forced by LMCACHE_USE_UPSTREAM_MP=%s).",
-            os.environ["LMCACHE_USE_UPSTREAM_MP"],
+            "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream (%s).",
+            reason,
         )
         return LMCacheMPConnectorUpstream
 
-    connector_cls, reason, warn = _load_external_lmcache_mp_connector(
-        _LMCACHE_MP_CONNECTOR_MODULE
-    )
-    if connector_cls is not None:
-        logger.info(
-            "LMCacheMPConnector: using %s.%s from lmcache %s.",
-            connector_cls.__module__,
-            connector_cls.__qualname__,
-            _lmcache_version(),
+    candidates, explicit = _lmcache_mp_connector_candidates()
+    rejected: list[str] = []
+    warn = explicit
+    for module_name in candidates:
+        connector_cls, reason, worth_warning = _load_external_lmcache_mp_connector(
+            module_name
         )
-        return connector_cls
+        if connector_cls is not None:
+            module = sys.modules.get(connector_cls.__module__)
+            mismatches = _lmcache_api_mismatches(module) if module else []
+            if mismatches:
+                connector_cls = None
+                reason = f"cannot be built: {mismatches[0]}"
+                worth_warning = True
+        if connector_cls is not None:
+            if explicit:
+                how = "set by LMCACHE_MP_CONNECTOR_MODULE"
+            elif module_name == _LMCACHE_MP_CONNECTOR_MODULE:
+                how = "lmcache's main connector"
+            else:
+                how = "lmcache's connector frozen for an older vLLM"
+            if rejected:
+                how += "; skipped " + "; ".join(rejected)
+            LMCACHE_MP_CONNECTOR_RESOLUTION.update(
+                module=module_name, reason=f"lmcache {_lmcache_version()}, {how}"
+            )
+            logger.info(
+                "LMCacheMPConnector: using %s.%s from lmcache %s (%s).",
+                module_name,
+                connector_cls.__qualname__,
+                _lmcache_version(),
+                how,
+            )
+            return connector_cls
+        rejected.append(f"{module_name}: {_brief(reason, module_name)}")
+        warn = warn or worth_warning
 
+    builtin_mismatches = _lmcache_api_mismatches(sys.modules[__name__])
+    if builtin_mismatches:
+        vllm_version = ".".join(str(part) for part in vllm_version_tuple[:3])
+        message = (
+            f"LMCacheMPConnector: no connector can be built with vLLM "
+            f"{vllm_version} and lmcache {_lmcache_version()}: "
+            + "; ".join(rejected)
+            + f"; vLLM's builtin connector: cannot be built: {builtin_mismatches[0]}."
+            " Install an lmcache release made for this vLLM release, or set "
+            "LMCACHE_MP_CONNECTOR_MODULE to a connector module that matches the "
+            "installed lmcache."
+        )
+        LMCACHE_MP_CONNECTOR_RESOLUTION.update(
+            module=__name__, reason=message, error=message
+        )
+        logger.error("%s", message)
+        return _unbuildable_lmcache_mp_connector(message)
+
+    reason = (
+        f"lmcache {_lmcache_version()}; rejected "
+        + "; ".join(rejected)
+        + "; lmcache's connector is not used, and the builtin one does not "
+        "support the hybrid KV cache manager"
+    )
+    LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
     log = logger.warning if warn else logger.info
     log(
         "LMCacheMPConnector: falling back to vLLM's builtin "
-        "LMCacheMPConnectorUpstream (lmcache %s): %s.",
-        _lmcache_version(),
+        "LMCacheMPConnectorUpstream (%s).",
         reason,
     )
     return LMCacheMPConnectorUpstream
