@@ -87,6 +87,37 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+    import sys as _sys
+
+    from vllm_patches.doctor import diagnose
+
+    diagnosis = diagnose(args.python or _sys.executable)
+    if args.json:
+        print(json.dumps({**diagnosis.data, "ok": diagnosis.ok}, indent=2))
+    else:
+        print("\n".join(diagnosis.lines()))
+    return 0 if diagnosis.ok else 2
+
+
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    import json
+
+    from vllm_patches import matrix
+
+    if args.merge:
+        result = matrix.merge([json.loads(Path(p).read_text()) for p in args.merge])
+    else:
+        result = matrix.run_matrix(
+            args.vllm, args.lmcache, args.shard, lambda m: print(m, file=sys.stderr)
+        )
+    matrix.write(result, args.out)
+    print(matrix.markdown(result), end="")
+    print(f"written to {args.out}/matrix.json and matrix.md")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from vllm_patches.apply import apply
 
@@ -120,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
     p.set_defaults(func=_cmd_prove)
+
+    p = sub.add_parser("doctor", help="which connector will run here, and will it start?")
+    p.add_argument("--python", metavar="PATH", help="the environment to check (default: this)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("matrix", help="vLLM x lmcache pairing table, unpatched and patched")
+    p.add_argument("--vllm", nargs="+", default=["0.12.0", "0.18.1", "0.21.0"])
+    p.add_argument("--lmcache", nargs="+", default=["0.4.7", "0.5.0", "0.5.3", "0.5.6"])
+    p.add_argument("--shard", help="only shard i/n of the cells (for a fleet of runners)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
+    p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
+    p.set_defaults(func=_cmd_matrix)
 
     p = sub.add_parser("test", help="run vLLM's connector unit tests, unpatched vs patched")
     p.add_argument("version")

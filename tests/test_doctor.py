@@ -1,0 +1,75 @@
+"""doctor and matrix on a real vLLM 0.21.0 with real lmcache releases laid over it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vllm_patches.apply import apply
+from vllm_patches.envs import lmcache_layer, vllm_env
+from vllm_patches.errors import PatchToolError
+from vllm_patches.matrix import merge, run_matrix, shard_of
+from vllm_patches.targets import installed_vllm
+
+FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
+
+
+@pytest.fixture(scope="module")
+def python():
+    return vllm_env("0.21.0", "0.5.3")
+
+
+def _doctor(cli, monkeypatch, python, lmcache):
+    monkeypatch.setenv("PYTHONPATH", str(lmcache_layer(python, lmcache)))
+    code, out, _ = cli("doctor", "--python", python, "--json")
+    return code, json.loads(out)
+
+
+@pytest.mark.slow
+def test_doctor_unpatched_predicts_the_builtins_typeerror(python, cli, monkeypatch):
+    code, data = _doctor(cli, monkeypatch, python, "0.5.0")
+    assert code == 2 and not data["ok"] and data["patched"] is False
+    assert "ParallelStrategy() at line" in data["chosen_error"]
+    routes = data["module_path_route"]
+    assert routes["lmcache.integration.vllm.lmcache_mp_connector_0180"] == FROZEN.format("0180")
+
+
+@pytest.mark.slow
+def test_doctor_patched(python, cli, monkeypatch, capsys):
+    site = installed_vllm(str(python))
+    apply(site)
+    try:
+        code, data = _doctor(cli, monkeypatch, python, "0.5.0")
+        assert code == 0 and data["ok"] and data["chosen"] == FROZEN.format("0180")
+        builds = {c["module"].rsplit("_", 1)[-1]: c["builds"] for c in data["candidates"]}
+        assert builds == {"connector": False, "0201": False, "0180": True}
+        code, data = _doctor(cli, monkeypatch, python, "0.5.6")
+        assert code == 2 and data["chosen"].endswith("LMCacheMPConnectorUnavailable")
+        assert (
+            "no connector can be built with vLLM 0.21.0 and lmcache 0.5.6" in data["chosen_error"]
+        )
+        code, out, _ = cli("doctor", "--python", python)
+        assert code == 2 and "verdict: will fail when the engine starts: " in out
+        assert "fix: install an lmcache release" in out
+    finally:
+        apply(site, revert=True)
+
+
+@pytest.mark.slow
+def test_two_shards_merged_equal_the_unsharded_run(python):
+    grid = (["0.21.0"], ["0.5.0", "0.5.6"])
+    whole = run_matrix(*grid)
+    parts = [run_matrix(*grid, shard=f"{i}/2") for i in (1, 2)]
+    assert merge(parts)["cells"] == merge([whole])["cells"]
+    cell = whole["cells"]["0.21.0|0.5.0"]
+    assert not cell["unpatched"]["ok"] and cell["patched"]["ok"]
+    assert cell["patched"]["chosen"] == FROZEN.format("0180")
+    assert not whole["cells"]["0.21.0|0.5.6"]["patched"]["ok"]
+
+
+def test_shards_deal_every_cell_once():
+    cells = [(v, lm) for v in "abc" for lm in "xyz"]
+    dealt = [c for i in (1, 2, 3, 4) for c in shard_of(cells, f"{i}/4")]
+    assert sorted(dealt) == sorted(cells)
+    with pytest.raises(PatchToolError, match="give i/n with 1 <= i <= n"):
+        shard_of(cells, "5/4")

@@ -1,0 +1,188 @@
+"""Preflight: which LMCacheMPConnector will this environment run, and will it start?"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_patches._proc import run_subprocess
+from vllm_patches.series import CONNECTOR, OVERLAY_DIR
+
+CHECKER = "_lmcache_api_mismatches"
+_SCRIPT = r"""
+import ast, importlib, importlib.metadata as md, inspect, json, os, pkgutil, re, sys
+from types import ModuleType
+
+exec(os.environ["VLLM_PATCHES_CHECKER"])
+VLLM_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
+PACKAGE = "lmcache.integration.vllm"
+
+
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def row(module_name, class_name="LMCacheMPConnector"):
+    info = {"module": module_name, "imports": False, "subclass": False, "builds": False,
+            "error": ""}
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        info["error"] = f"{type(e).__name__}: {e}"
+        return info
+    info["imports"] = True
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+    cls = getattr(module, class_name, None)
+    info["subclass"] = isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)
+    if not info["subclass"]:
+        info["error"] = f"{class_name} is {cls!r}, not a KVConnectorBase_V1 subclass"
+        return info
+    mismatches = _lmcache_api_mismatches(sys.modules[cls.__module__])
+    info["builds"] = not mismatches
+    info["error"] = mismatches[0] if mismatches else ""
+    return info
+
+
+out = {"vllm": version("vllm"), "lmcache": version("lmcache"), "candidates": []}
+try:
+    spec = importlib.util.find_spec(PACKAGE)
+    names = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])]
+except Exception:
+    names = []
+frozen = sorted((n for n in names if re.fullmatch(r"lmcache_mp_connector_\d{4}", n)), reverse=True)
+for name in ["lmcache_mp_connector", *frozen]:
+    if name in names:
+        out["candidates"].append(row(f"{PACKAGE}.{name}"))
+try:
+    vllm_module = importlib.import_module(VLLM_MODULE)
+except Exception as e:
+    out["import_error"] = f"{type(e).__name__}: {e}"
+else:
+    patched = hasattr(vllm_module, "LMCacheMPConnectorUpstream")
+    out["patched"] = patched
+    builtin_name = "LMCacheMPConnectorUpstream" if patched else "LMCacheMPConnector"
+    out["builtin"] = row(VLLM_MODULE, builtin_name)
+    cls = vllm_module.LMCacheMPConnector
+    out["chosen"] = f"{cls.__module__}.{cls.__qualname__}"
+    resolution = dict(getattr(vllm_module, "LMCACHE_MP_CONNECTOR_RESOLUTION", {}))
+    out["resolution"] = resolution
+    if "error" in resolution:
+        out["chosen_builds"], out["chosen_error"] = False, resolution["error"]
+    else:
+        mismatches = _lmcache_api_mismatches(sys.modules[cls.__module__])
+        out["chosen_builds"] = not mismatches
+        out["chosen_error"] = mismatches[0] if mismatches else ""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    routes = {}
+    for candidate in out["candidates"]:
+        if not candidate["imports"]:
+            continue
+        try:
+            got = KVConnectorFactory.get_connector_class(KVTransferConfig(
+                kv_connector="LMCacheMPConnector", kv_role="kv_both",
+                kv_connector_module_path=candidate["module"]))
+            routes[candidate["module"]] = f"{got.__module__}.{got.__qualname__}"
+        except Exception as e:
+            routes[candidate["module"]] = f"error: {type(e).__name__}: {e}"
+    out["module_path_route"] = routes
+print("DOCTOR " + json.dumps(out))
+"""
+
+
+def checker_source() -> str:
+    """The construction check, taken from the series' own code (patch 0006) in the overlay."""
+    overlay = next(iter(sorted(OVERLAY_DIR.glob(f"*/{CONNECTOR}"))))
+    tree = ast.parse(overlay.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == CHECKER)
+    return ast.get_source_segment(overlay.read_text(), node) or ""
+
+
+def _brief(error: str) -> str:
+    return re.sub(r" \(/[^)]*\)", "", error)
+
+
+@dataclass
+class Diagnosis:
+    """What doctor found, and its verdict."""
+
+    data: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return "import_error" not in self.data and bool(self.data.get("chosen_builds"))
+
+    def fixes(self) -> list[str]:
+        """What to do when the verdict fails."""
+        data = self.data
+        if "import_error" in data:
+            return [
+                f"vLLM {data['vllm']}'s connector module does not import with lmcache "
+                f"{data['lmcache']}; install an lmcache release of this vLLM's time"
+            ]
+        working = [c["module"] for c in data["candidates"] if c["builds"]]
+        fixes = []
+        if data.get("patched"):
+            fixes += [f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working]
+        elif working:
+            fixes.append(
+                "apply the series (tools/apply-patches --python PY): it picks one of these"
+            )
+            routes = data.get("module_path_route", {})
+            fixes += [
+                f"or set kv_connector_module_path={m} in --kv-transfer-config"
+                for m in working
+                if routes.get(m) == f"{m}.LMCacheMPConnector"
+            ]
+        if not working:
+            fixes.append(
+                f"install an lmcache release whose connector fits vLLM {data['vllm']} "
+                "(README: Which connector will I get?)"
+            )
+        return fixes
+
+    def lines(self) -> list[str]:
+        data = self.data
+        out = [f"vLLM {data['vllm']}, lmcache {data['lmcache'] or 'not installed'}"]
+        if "import_error" in data:
+            out.append(f"vLLM's connector module does not import: {data['import_error']}")
+        else:
+            state = "patched (this series)" if data["patched"] else "unpatched"
+            out.append(f"vLLM's lmcache_mp_connector: {state}")
+        for candidate in [*data["candidates"], *([data["builtin"]] if "builtin" in data else [])]:
+            keys = ("imports", "subclass", "builds")
+            shown = keys[: next((i + 1 for i, k in enumerate(keys) if not candidate[k]), 3)]
+            flags = ", ".join(f"{k} {'yes' if candidate[k] else 'no'}" for k in shown)
+            error = f" ({_brief(candidate['error'])})" if candidate["error"] else ""
+            out.append(f"  {candidate['module']}: {flags}{error}")
+        if "chosen" in data:
+            out.append(f"LMCacheMPConnector resolves to {data['chosen']}")
+            for module, got in data.get("module_path_route", {}).items():
+                out.append(f"  kv_connector_module_path={module} -> {got}")
+        if self.ok:
+            out.append("verdict: OK")
+        else:
+            error = data.get("chosen_error") or data.get("import_error", "")
+            out.append(f"verdict: will fail when the engine starts: {_brief(error)}")
+            out += [f"fix: {fix}" for fix in self.fixes()]
+        return out
+
+
+def diagnose(
+    python: str | Path, pythonpath: list[Path] | None = None, env: Mapping[str, str] | None = None
+) -> Diagnosis:
+    """Inspect the vLLM and lmcache installed in ``python``; nothing is built or contacted."""
+    full_env = {"VLLM_PATCHES_CHECKER": checker_source(), "LMCACHE_LOG_LEVEL": "ERROR"}
+    full_env.update(env or {})
+    if pythonpath:
+        full_env["PYTHONPATH"] = ":".join(str(p) for p in pythonpath)
+    proc = run_subprocess([python, "-c", _SCRIPT], env=full_env, what="doctor's probe")
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("DOCTOR "))
+    return Diagnosis(json.loads(line[len("DOCTOR ") :]))
