@@ -109,8 +109,10 @@ def _cell_text(cell: Cell, label: str) -> str:
         name, name.replace("lmcache_mp_connector_", "_")
     )
     if "Unavailable" in str(info["chosen"]):
-        name = "none"
-    return f"{'starts' if info['ok'] else 'FAILS'}: {name or '-'}"
+        name = "none builds"
+    if not info["chosen"]:
+        name = "vLLM's module does not import"
+    return f"{'starts' if info['ok'] else 'FAILS'}: {name}"
 
 
 def markdown(result: dict) -> str:
