@@ -30,14 +30,22 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     code, out, _ = apply_cli(tree)
     assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
     code, out, _ = cli("status", tree)
+    factory_backport = "0008 upstream" if version >= "0.20.0" else "0008 applied"
     assert out.splitlines() == [
         "patched",
         f"git checkout {tree} (vLLM {version}): "
-        + ", ".join(f"000{n} applied" for n in range(1, 8)),
+        + ", ".join(factory_backport if n == 8 else f"{n:04d} applied" for n in range(1, 11)),
     ]
     assert connector_bytes(tree) == _overlay(manifest, version)
     subjects = _git(tree, "log", "--format=%s", f"v{version}..HEAD").splitlines()
+    factory = [
+        "[KVConnector] Test kv_connector_module_path priority and the creation log",
+        "[KVConnector] Say which connector class runs and how it was found",
+    ]
+    if version < "0.20.0":
+        factory.append("[KVConnector] Prioritize external connector over internal registry")
     assert subjects == [
+        *factory,
         "[KVConnector][LMCache] Test the construction check of LMCacheMPConnector",
         "[KVConnector][LMCache] Only pick an LMCacheMPConnector that can be built",
         "[KVConnector][LMCache] Test the version-aware LMCacheMPConnector resolution",
@@ -77,7 +85,7 @@ def test_upstream_releases_are_a_no_op(git_tree, cli, apply_cli, version):
     before = tree_snapshot(tree)
     assert cli("status", tree)[1].splitlines() == [
         "upstream",
-        f"git checkout {tree} (vLLM {version}): 0001 upstream",
+        f"git checkout {tree} (vLLM {version}): 0001 upstream, 0008 upstream",
     ]
     code, out, _ = apply_cli(tree)
     assert (code, out) == (0, f"vLLM {version} already contains #42596: nothing to do\n")
@@ -216,7 +224,9 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     code, out, _ = cli("status", "--python", python)
     assert code == 0 and out.splitlines()[0] == "patched"
     assert "0001 applied, 0002 applied, 0004 applied, 0006 applied" in out
-    assert "0003" not in out
+    assert ("0008 upstream" if version == "0.21.0" else "0008 applied") in out
+    assert "0009 applied" in out
+    assert "0003" not in out and "0010" not in out
     rows = {r[0]: r for r in csv.reader(_record(site).read_text().splitlines())}
     for rel, row in rows.items():
         if row[1]:

@@ -37,7 +37,7 @@ def test_patch_headers(patch):
     assert re.search(r"^Last-Update: \d{4}-\d{2}-\d{2}$", message, re.M)
     trailers = [ln for ln in message.splitlines() if re.match(r"^[A-Z][\w-]+: ", ln)]
     assert trailers[-1].startswith("Signed-off-by: "), "Signed-off-by must be the last trailer"
-    assert re.search(r"^Subject: \[PATCH\] \[KVConnector\]\[LMCache\] ", message, re.M)
+    assert re.search(r"^Subject: \[PATCH\] \[KVConnector\](\[LMCache\])? ", message, re.M)
     assert "base-commit: " in patch.read_text()
     if "Backport [" in message:
         assert re.search(r"^Origin: backport, https://\S+", message, re.M)
@@ -59,10 +59,16 @@ def test_manifest_covers_every_release(manifest):
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
     for version in UPSTREAM:
-        assert manifest.releases[version].upstream == ("0001",)
+        assert manifest.releases[version].upstream == ("0001", "0008")
+    every = [f"{n:04d}" for n in range(1, 11)]
     for version in SUPPORTED:
         numbers = [p.name[:4] for p in manifest.releases[version].patch_files]
-        assert numbers == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
+        if version >= "0.20.0":
+            # vllm-project/vllm#38301 (0008) is upstream from 0.20.0 on.
+            assert manifest.releases[version].upstream == ("0008",)
+            assert numbers == [n for n in every if n != "0008"]
+        else:
+            assert numbers == every
 
 
 def test_overlay_and_hashes_are_up_to_date():

@@ -18,11 +18,13 @@ def test_no_regressions_and_0003_passes(cli, tmp_path, version):
     assert report["regressions"] == []
     outcomes = report["patched"]["outcomes"]
     resolution = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
-    # 35 tests; on 0.12.0 one is skipped (its builtin uses vLLM's own copy of the adapters).
-    assert len(resolution) == 35
+    factory = {t: o for t, o in outcomes.items() if "kv_connector_factory_module_path" in t}
+    # 35 + 6 tests; on 0.12.0 one is skipped (its builtin uses vLLM's own copy of the adapters).
+    assert len(resolution) == 35 and len(factory) == 6
+    assert set(factory.values()) == {"passed"}
     assert set(resolution.values()) == (
         {"passed", "skipped"} if version == "0.12.0" else {"passed"}
     )
-    assert not any("resolution" in t for t in report["baseline"]["outcomes"])
+    assert not any(t in report["baseline"]["outcomes"] for t in [*resolution, *factory])
     assert "passed" in report["baseline"]["outcomes"].values()
     assert (tmp_path / "report.md").read_text().startswith(f"# vLLM {version} connector unit tests")

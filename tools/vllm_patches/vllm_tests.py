@@ -14,13 +14,13 @@ from vllm_patches._proc import run_subprocess
 from vllm_patches.apply import apply, status
 from vllm_patches.envs import TEST_DEPS, pip, vllm_env
 from vllm_patches.errors import PatchToolError
+from vllm_patches.overlay import group_results
 from vllm_patches.prove import default_lmcache
 from vllm_patches.series import load_manifest
 from vllm_patches.sources import cache_root, fetch_sdist
 from vllm_patches.targets import installed_vllm
 
 UNIT_DIR = "tests/v1/kv_connector/unit"
-RESOLUTION_TEST = f"{UNIT_DIR}/test_lmcache_mp_connector_resolution.py"
 # facebook/opt-125m's public config.json (model card values; no weights): most of vLLM's
 # connector tests build a ModelConfig for it, and the hub is not reachable here.
 OPT_125M_CONFIG = {
@@ -143,7 +143,7 @@ def _parse_junit(path: Path) -> Run:
     return run
 
 
-def _pytest(python: Path, src: Path, work: Path, *, include_resolution: bool, name: str) -> Run:
+def _pytest(python: Path, src: Path, work: Path, *, ignore: list[str], name: str) -> Run:
     junit = work / f"{name}.xml"
     junit.unlink(missing_ok=True)
     scratch = work / "tmp"
@@ -153,8 +153,7 @@ def _pytest(python: Path, src: Path, work: Path, *, include_resolution: bool, na
         "-p", "no:cacheprovider", f"--rootdir={src}", f"--junitxml={junit}", "-q",
         str(src / UNIT_DIR),
     ]  # fmt: skip
-    if not include_resolution:
-        args.append(f"--ignore={src / RESOLUTION_TEST}")
+    args += [f"--ignore={src / path}" for path in ignore]
     env = {
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(_hf_home(work)),
@@ -188,15 +187,15 @@ def run_vllm_tests(version: str, lmcache: str | None = None, out: Path | None = 
     work = cache_root() / "vllm-tests" / version
     work.mkdir(parents=True, exist_ok=True)
     src = _sources(version, work)
-    baseline = _pytest(python, src, work, include_resolution=False, name="baseline")
-    # The patched run also has 0003's test file, as the series puts it in vLLM's tree.
-    tests_group = next(g for g in release.groups if g.path == RESOLUTION_TEST)
-    from vllm_patches.overlay import group_results
-
-    (src / RESOLUTION_TEST).write_bytes(group_results(tests_group)[1][-1])
+    # The series' own test files (0003, 0005, 0007, 0010) run only patched, as the series
+    # puts them in vLLM's tree.
+    series_tests = [g for g in release.groups if not g.installed]
+    baseline = _pytest(python, src, work, ignore=[g.path for g in series_tests], name="baseline")
+    for group in series_tests:
+        (src / group.path).write_bytes(group_results(group)[1][-1] or b"")
     apply(site)
     try:
-        patched = _pytest(python, src, work, include_resolution=True, name="patched")
+        patched = _pytest(python, src, work, ignore=[], name="patched")
     finally:
         apply(site, revert=True)
     regressions = sorted(

@@ -1,0 +1,103 @@
+"""kv_connector_module_path on real vLLM 0.12.0 and 0.19.1: ignored unpatched, honoured patched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+from vllm_patches.apply import apply, status
+from vllm_patches.envs import vllm_env
+from vllm_patches.targets import installed_vllm
+
+pytestmark = pytest.mark.slow
+
+FACTORY = "vllm/distributed/kv_transfer/kv_connector/factory.py"
+BUILTIN_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
+SNIPPET = """
+import json, sys
+from vllm.config import KVTransferConfig
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory as F
+config = KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both",
+                          kv_connector_module_path=sys.argv[1] or None)
+try:
+    cls = F.get_connector_class(config)
+except Exception as e:
+    print("FACTORY " + json.dumps({"error": f"{type(e).__name__}: {e}"}))
+else:
+    describe = getattr(F, "_describe_connector", None)
+    print("FACTORY " + json.dumps({
+        "cls": f"{cls.__module__}.{cls.__qualname__}",
+        "log": describe(config, cls) if describe else "",
+    }))
+"""
+
+
+def factory_class(python, module_path: str, pythonpath) -> dict:
+    proc = subprocess.run(
+        [python, "-c", SNIPPET, module_path],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin", "LMCACHE_LOG_LEVEL": "ERROR"},
+    )
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FACTORY "))
+    return json.loads(line[len("FACTORY ") :])
+
+
+@pytest.fixture
+def my_module(tmp_path):
+    (tmp_path / "my_mp_connector.py").write_text(
+        textwrap.dedent("""
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+        class LMCacheMPConnector(KVConnectorBase_V1):
+            pass
+        """)
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "version, lmcache, module_path, expected",
+    [
+        ("0.12.0", "0.3.9.post2", "my_mp_connector", "my_mp_connector.LMCacheMPConnector"),
+        (
+            "0.19.1",
+            "0.5.3",
+            "lmcache.integration.vllm.lmcache_mp_connector_0180",
+            "lmcache.integration.vllm.lmcache_mp_connector_0180.LMCacheMPConnector",
+        ),
+    ],
+)
+def test_module_path_ignored_unpatched_honoured_patched(
+    my_module, version, lmcache, module_path, expected
+):
+    python = vllm_env(version, lmcache)
+    site = installed_vllm(str(python))
+    original = (site.root / FACTORY).read_bytes()
+    # The bug: the registry wins, even for a module that does not exist.
+    assert (
+        factory_class(python, module_path, my_module)["cls"]
+        == f"{BUILTIN_MODULE}.LMCacheMPConnector"
+    )
+    assert factory_class(python, "no_such_module", my_module)["cls"].startswith(BUILTIN_MODULE)
+    apply(site)
+    try:
+        assert "0008 applied" in " ".join(status(site).lines())
+        got = factory_class(python, module_path, my_module)
+        assert got["cls"] == expected
+        assert got["log"] == f"{expected}, from kv_connector_module_path={module_path}"
+        missing = factory_class(python, "no_such_module", my_module)
+        assert missing["error"].startswith("ModuleNotFoundError: No module named 'no_such_module'")
+        registry = factory_class(python, "", my_module)
+        # Without a module path: the registry, and the resolution's reason in the log.
+        assert "from vLLM's connector registry; lmcache " in registry["log"]
+    finally:
+        apply(site, revert=True)
+    assert (site.root / FACTORY).read_bytes() == original
+    assert (
+        factory_class(python, module_path, my_module)["cls"]
+        == f"{BUILTIN_MODULE}.LMCacheMPConnector"
+    )
