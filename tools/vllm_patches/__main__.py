@@ -119,6 +119,33 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_wheel(args: argparse.Namespace) -> int:
+    from vllm_patches import wheels
+
+    if args.from_source:
+        path = wheels.build_from_source(args.version, args.target_device, args.out)
+    else:
+        source = args.from_wheel
+        if source is None:
+            from vllm_patches.sources import download_wheel
+
+            source = download_wheel(args.version)
+        path = wheels.repack(source, args.out, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_verify_wheel(args: argparse.Namespace) -> int:
+    from vllm_patches.wheels import verify
+
+    problems = verify(args.path)
+    if problems:
+        msg = f"{args.path.name}: " + "; ".join(problems[:5])
+        raise PatchToolError(msg)
+    print(f"{args.path.name}: RECORD, version and overlay files check out")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from vllm_patches.apply import apply
 
@@ -165,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
     p.set_defaults(func=_cmd_matrix)
+
+    p = sub.add_parser("wheel", help="a patched vLLM wheel: repack the official one, or build")
+    p.add_argument("version")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--from-wheel", type=Path, metavar="PATH", help="the official wheel")
+    source.add_argument("--download", action="store_true", help="fetch it through pip (default)")
+    source.add_argument("--from-source", action="store_true", help="build the patched checkout")
+    p.add_argument("--target-device", default="empty", choices=["empty", "cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=Path("dist"), help="output directory")
+    p.add_argument("--force", action="store_true", help="replace files that are not the originals")
+    p.set_defaults(func=_cmd_wheel)
+
+    p = sub.add_parser("verify-wheel", help="check a patched wheel's RECORD, version, overlay")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=_cmd_verify_wheel)
 
     p = sub.add_parser("test", help="run vLLM's connector unit tests, unpatched vs patched")
     p.add_argument("version")

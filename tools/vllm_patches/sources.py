@@ -233,3 +233,19 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
                 handle = tar.extractfile(member)
                 return handle.read() if handle else None
     return None
+
+
+def download_wheel(version: str) -> Path:
+    """The official vLLM wheel of ``version``, fetched by pip (its index, proxy, certs), cached."""
+    cache = cache_root() / "wheels" / version
+    found = sorted(cache.glob("vllm-*.whl")) if cache.is_dir() else []
+    if found:
+        return found[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    run_subprocess(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+         "--dest", cache, f"vllm=={version}"],
+        what=f"pip download vllm=={version}",
+    )  # fmt: skip
+    (wheel,) = sorted(cache.glob("vllm-*.whl"))
+    return wheel
