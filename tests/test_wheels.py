@@ -208,3 +208,12 @@ def test_real_wheel_repack_install_import_uninstall(real_wheel, tmp_path):
     left = {p.name for p in site.iterdir()}
     assert not any(n.startswith("vllm") for n in left)
     assert before - left >= {"vllm", "vllm-0.21.0+empty.lmcachemp1.dist-info"}
+
+
+@pytest.mark.slow
+def test_from_source(real_wheel, tmp_path, cli):
+    code, out, err = cli("wheel", "0.21.0", "--from-source", "--out", tmp_path)
+    assert code == 0, err
+    path = Path(out.strip().splitlines()[-1])
+    assert path.name == "vllm-0.21.0+empty.lmcachemp1-py3-none-any.whl"
+    assert wheels.verify(path) == []

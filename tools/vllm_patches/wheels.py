@@ -340,11 +340,12 @@ def build_from_source(version: str, device: str, out_dir: Path) -> Path:
     """A wheel built from the pinned checkout of ``version`` with the series applied."""
     from vllm_patches.apply import apply
     from vllm_patches.envs import vllm_env
+    from vllm_patches.prove import default_lmcache
     from vllm_patches.sources import checkout
     from vllm_patches.targets import resolve_target
 
     release = load_manifest().release(version)
-    python = vllm_env(version, None)
+    python = vllm_env(version, default_lmcache(version))  # torch + vLLM's build deps, cached
     with tempfile.TemporaryDirectory(prefix="vllm-patches-src-") as tmp:
         tree = checkout(version, Path(tmp) / "vllm")
         apply(resolve_target(tree))
