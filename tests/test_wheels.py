@@ -39,6 +39,7 @@ def small_wheel(tmp_path):
         "vllm/__init__.py": b"",
         CONNECTOR: read_sdist_file("0.21.0", CONNECTOR),
         FACTORY: read_sdist_file("0.21.0", FACTORY),
+        "vllm-0.21.0.dist-info/entry_points.txt": b"[console_scripts]\nvllm = vllm.cli:main\n",
     }
     src = tmp_path / "in"
     src.mkdir()
@@ -62,6 +63,9 @@ def test_small_wheel_repack(small_wheel, out, cli):
         assert "Build:" not in wheel
         metadata = zf.read("vllm-0.21.0+lmcachemp1.dist-info/METADATA").decode()
         assert "Version: 0.21.0+lmcachemp1\n" in metadata
+        entry_points = zf.read("vllm-0.21.0+lmcachemp1.dist-info/entry_points.txt")
+        assert entry_points.startswith(b"[console_scripts]")
+        assert not [n for n in zf.namelist() if n.startswith("vllm-0.21.0.dist-info/")]
     assert cli("verify-wheel", path)[0] == 0
 
 
@@ -133,7 +137,7 @@ def test_interrupted_run_leaves_nothing(small_wheel, out, monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(wheels, "_copy_raw", interrupt)
+    monkeypatch.setattr(wheels, "_copy_run", interrupt)
     with pytest.raises(KeyboardInterrupt):
         wheels.repack(small_wheel, out)
     assert list(out.iterdir()) == []

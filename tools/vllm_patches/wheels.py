@@ -4,6 +4,7 @@ bytes, streaming), build one from a patched checkout, and verify one."""
 from __future__ import annotations
 
 import base64
+import copy
 import csv
 import hashlib
 import io
@@ -13,7 +14,7 @@ import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
@@ -51,8 +52,7 @@ class WheelInfo:
 
 
 def _unsafe(name: str) -> bool:
-    pure = PurePosixPath(name)
-    return name.startswith(("/", "\\")) or ".." in pure.parts or bool(re.match(r"^[A-Za-z]:", name))
+    return name.startswith(("/", "\\")) or ".." in name.split("/") or name[1:2] == ":"
 
 
 def inspect_wheel(path: Path, zf: zipfile.ZipFile) -> WheelInfo:
@@ -143,6 +143,47 @@ def _copy_raw(src: zipfile.ZipFile, info: zipfile.ZipInfo, dst: zipfile.ZipFile,
     dst._didModify = True
 
 
+def _copy_range(src: zipfile.ZipFile, dst: zipfile.ZipFile, start: int, end: int) -> None:
+    """Append bytes ``start:end`` of ``src``'s file to ``dst``, in the kernel where it can."""
+    assert src.fp is not None and dst.fp is not None
+    dst.fp.flush()
+    position = dst.fp.tell()
+    offset, remaining = start, end - start
+    try:
+        while remaining:
+            done = os.copy_file_range(src.fp.fileno(), dst.fp.fileno(), remaining, offset)
+            if done == 0:
+                break
+            offset, remaining = offset + done, remaining - done
+    except OSError:
+        os.lseek(dst.fp.fileno(), position + (offset - start), os.SEEK_SET)
+    dst.fp.seek(position + (offset - start))
+    src.fp.seek(offset)
+    while remaining:
+        chunk = src.fp.read(min(CHUNK, remaining))
+        if not chunk:
+            msg = f"{src.filename} is truncated; download it again"
+            raise PatchToolError(msg)
+        dst.fp.write(chunk)
+        remaining -= len(chunk)
+
+
+def _copy_run(
+    src: zipfile.ZipFile, run: list[zipfile.ZipInfo], end: int, dst: zipfile.ZipFile
+) -> None:
+    """Copy members that stay as they are (name included) with their local headers, verbatim."""
+    assert dst.fp is not None
+    delta = dst.fp.tell() - run[0].header_offset
+    _copy_range(src, dst, run[0].header_offset, end)
+    for member in run:
+        moved = copy.copy(member)
+        moved.header_offset = member.header_offset + delta
+        dst.filelist.append(moved)
+        dst.NameToInfo[moved.filename] = moved
+    dst.start_dir = dst.fp.tell()
+    dst._didModify = True
+
+
 def _targets(release: Release) -> list[Group]:
     return [g for g in release.groups if g.installed]
 
@@ -218,6 +259,25 @@ def _rename(name: str, old_dist: str, new_dist: str, old_data: str, new_data: st
     return name
 
 
+def _new_bytes(
+    zf: zipfile.ZipFile,
+    member: zipfile.ZipInfo,
+    dist_info: str,
+    replacements: dict[str, bytes],
+    new_version: str,
+) -> bytes | None:
+    """The member's new content, or None when it is copied as it is."""
+    if member.filename in replacements:
+        return replacements[member.filename]
+    if member.filename == f"{dist_info}/METADATA":
+        text = zf.read(member).decode()
+        pattern = r"^Version: \S+$"
+        return re.sub(pattern, f"Version: {new_version}", text, count=1, flags=re.M).encode()
+    if member.filename == f"{dist_info}/WHEEL":
+        return re.sub(r"^Build: .*\n", "", zf.read(member).decode(), flags=re.M).encode()
+    return None
+
+
 def _write(
     zf: zipfile.ZipFile,
     info: WheelInfo,
@@ -231,23 +291,26 @@ def _write(
 ) -> None:
     rows: list[tuple[str, str, str]] = []
     skip = {f"{info.dist_info}/{n}" for n in ("RECORD", "RECORD.jws", "RECORD.p7s")}
+    members = sorted(zf.infolist(), key=lambda m: m.header_offset)
+    ends = [m.header_offset for m in members[1:]] + [zf.start_dir]
+    run: list[zipfile.ZipInfo] = []
     with zipfile.ZipFile(tmp, "w") as out:
-        for member in zf.infolist():
+        for member in members:
             if member.filename in skip:
+                if run:
+                    _copy_run(zf, run, member.header_offset, out)
+                    run = []
                 continue
             name = _rename(member.filename, info.dist_info, new_dist, old_data, new_data)
-            data: bytes | None = None
-            if member.filename in replacements:
-                data = replacements[member.filename]
-            elif member.filename == f"{info.dist_info}/METADATA":
-                text = zf.read(member).decode()
-                data = re.sub(
-                    r"^Version: \S+$", f"Version: {new_version}", text, count=1, flags=re.M
-                ).encode()
-            elif member.filename == f"{info.dist_info}/WHEEL":
-                data = re.sub(r"^Build: .*\n", "", zf.read(member).decode(), flags=re.M).encode()
+            data = _new_bytes(zf, member, info.dist_info, replacements, new_version)
             if data is None:
-                _copy_raw(zf, member, out, name)
+                if name == member.filename:
+                    run.append(member)
+                else:
+                    if run:
+                        _copy_run(zf, run, member.header_offset, out)
+                        run = []
+                    _copy_raw(zf, member, out, name)
                 hashed = record.get(member.filename)
                 if hashed is None and not member.is_dir():
                     msg = (
@@ -257,11 +320,16 @@ def _write(
                 if hashed is not None:
                     rows.append((name, *hashed))
             else:
+                if run:
+                    _copy_run(zf, run, member.header_offset, out)
+                    run = []
                 target = zipfile.ZipInfo(name, date_time=member.date_time)
                 target.external_attr = member.external_attr
                 target.compress_type = zipfile.ZIP_DEFLATED
                 out.writestr(target, data)
                 rows.append((name, record_hash(data), str(len(data))))
+        if run:
+            _copy_run(zf, run, ends[members.index(run[-1])], out)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerows(rows)
