@@ -9,10 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import Version
+
 from vllm_patches._proc import run_subprocess
-from vllm_patches.series import CONNECTOR, OVERLAY_DIR
+from vllm_patches.series import CONNECTOR, OVERLAY_DIR, REPO_ROOT
 
 CHECKER = "_lmcache_api_mismatches"
+PAIRING_TABLE = REPO_ROOT / "matrix" / "matrix.json"
 _SCRIPT = r"""
 import ast, importlib, importlib.metadata as md, inspect, json, os, pkgutil, re, sys
 from types import ModuleType
@@ -105,6 +108,27 @@ def checker_source() -> str:
     return ast.get_source_segment(overlay.read_text(), node) or ""
 
 
+def _lmcache_advice(vllm_version: str) -> str:
+    """Which lmcache releases the shipped pairing table (``matrix/matrix.json``) says work."""
+    release = Version(vllm_version).public
+    table = PAIRING_TABLE.is_file() and json.loads(PAIRING_TABLE.read_text())
+    working = []
+    for key, cell in (table or {}).get("cells", {}).items():
+        version, lmcache = key.split("|")
+        patched = cell.get("patched", {})
+        if version == release and patched.get("ok"):
+            module = patched["chosen"].rsplit(".", 2)[-2]
+            suffix = module.removeprefix("lmcache_mp_connector")
+            builtin = patched["chosen"].startswith("vllm.")
+            working.append(f"{lmcache} ({'builtin' if builtin else suffix or 'main'})")
+    if not working:
+        return (
+            f"install an lmcache release whose connector fits vLLM {release} "
+            "(README: Which connector will I get?)"
+        )
+    return "with the series applied, install lmcache " + " or ".join(working)
+
+
 def _brief(error: str) -> str:
     return re.sub(r" \(/[^)]*\)", "", error)
 
@@ -142,10 +166,7 @@ class Diagnosis:
                 if routes.get(m) == f"{m}.LMCacheMPConnector"
             ]
         if not working:
-            fixes.append(
-                f"install an lmcache release whose connector fits vLLM {data['vllm']} "
-                "(README: Which connector will I get?)"
-            )
+            fixes.append(_lmcache_advice(data["vllm"]))
         return fixes
 
     def lines(self) -> list[str]:
