@@ -115,6 +115,15 @@ def _cell_text(cell: Cell, label: str) -> str:
     return f"{'starts' if info['ok'] else 'FAILS'}: {name}"
 
 
+def _route_text(cell: Cell, label: str) -> str:
+    """What ``kv_connector_module_path`` gives: the module's own class (honoured) or not."""
+    routes = cell[label]["module_path_route"]
+    if not routes:
+        return "-"
+    honoured = all(got == f"{module}.LMCacheMPConnector" for module, got in routes.items())
+    return "honoured" if honoured else "ignored"
+
+
 def markdown(result: dict) -> str:
     """The table: rows vLLM, columns lmcache; each cell unpatched / patched."""
     keys = [k.split("|") for k in result["cells"]]
@@ -135,7 +144,9 @@ def markdown(result: dict) -> str:
             else:
                 cells.append(
                     f"unpatched {_cell_text(cell, 'unpatched')}<br>"
-                    f"patched {_cell_text(cell, 'patched')}"
+                    f"patched {_cell_text(cell, 'patched')}<br>"
+                    f"module path: {_route_text(cell, 'unpatched')} → "
+                    f"{_route_text(cell, 'patched')}"
                 )
         lines.append(f"| {version} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
