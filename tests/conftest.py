@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from vllm_patches.__main__ import apply_main, main
 from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
+from vllm_patches.wheels import record_hash
 
 SUPPORTED = [
     "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0",
@@ -86,8 +86,7 @@ def plain_tree(tmp_path) -> Callable[[str], Path]:
 
 
 def _record_row(rel: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{rel},sha256={digest},{len(data)}"
+    return f"{rel},{record_hash(data)},{len(data)}"
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ Every operation checks everything first and changes nothing when a check fails.
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import io
 import json
 import os
@@ -34,6 +32,7 @@ from vllm_patches.series import (
     load_manifest,
 )
 from vllm_patches.targets import Target
+from vllm_patches.wheels import record_hash
 
 Overall = Literal["unpatched", "patched", "upstream", "modified"]
 BACKUP_DIR = "vllm_lmcache_mp"
@@ -46,6 +45,8 @@ class Status:
 
     target: Target
     overall: Overall
+    release: Release | None = None
+    """The target's release; None for an unknown newer release that has #42596."""
     patches: dict[str, str] = field(default_factory=dict)
     """Per patch number: ``applied``, ``missing`` or ``upstream``."""
     files: dict[str, str] = field(default_factory=dict)
@@ -90,8 +91,8 @@ def status(target: Target, manifest: Manifest | None = None) -> Status:
     manifest = manifest or load_manifest()
     release = _release(manifest, target)
     if release is None:
-        return Status(target, "upstream", {"0001": "upstream"})
-    result = Status(target, "unpatched")
+        return Status(target, "upstream", patches={"0001": "upstream"})
+    result = Status(target, "unpatched", release)
     result.patches = dict.fromkeys(release.upstream, "upstream")
     for group in _groups(release, target):
         state, count = group.state(_read(target, group.path))
@@ -131,11 +132,6 @@ class Outcome:
 # --- git checkouts ----------------------------------------------------------------------------
 
 
-def _git_dirty(root: Path) -> list[str]:
-    out = run_git(["status", "--porcelain", "--untracked-files=no"], root)
-    return [line[3:] for line in out.splitlines() if line.strip()]
-
-
 def _git_current(root: Path) -> str:
     name = run_git(["symbolic-ref", "--short", "-q", "HEAD"], root, check=False).strip()
     return name or run_git(["rev-parse", "HEAD"], root).strip()
@@ -147,12 +143,17 @@ def _identity_env(root: Path) -> dict[str, str]:
     return GIT_IDENTITY
 
 
-def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
-    root = target.root
-    dirty = _git_dirty(root)
+def _refuse_dirty(root: Path, force: bool) -> None:
+    out = run_git(["status", "--porcelain", "--untracked-files=no"], root)
+    dirty = [line[3:] for line in out.splitlines() if line.strip()]
     if dirty and not force:
         msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
         raise PatchToolError(msg)
+
+
+def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
+    root = target.root
+    _refuse_dirty(root, force)
     branch = release.branch
     if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], root):
         msg = f"branch {branch} already exists in {root}; switch to it, or delete it to start again"
@@ -181,10 +182,7 @@ def _revert_git(target: Target, release: Release, force: bool) -> Outcome:
     if _git_current(root) != branch:
         msg = f"{root} is not on the series branch {branch}; nothing to revert there"
         raise PatchToolError(msg)
-    dirty = _git_dirty(root)
-    if dirty and not force:
-        msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
-        raise PatchToolError(msg)
+    _refuse_dirty(root, force)
     origin = run_git(["config", f"branch.{branch}.{BASE_KEY}"], root, check=False).strip()
     if not origin:
         msg = f"branch {branch} was not made by apply-patches; switch back and delete it by hand"
@@ -283,11 +281,6 @@ def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
 # --- installed vLLM -----------------------------------------------------------------------------
 
 
-def _record_hash(data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"sha256={digest}"
-
-
 def _rewrite_record(record: bytes, changes: dict[str, bytes | None]) -> bytes:
     rows = list(csv.reader(io.StringIO(record.decode())))
     seen: set[str] = set()
@@ -297,12 +290,12 @@ def _rewrite_record(record: bytes, changes: dict[str, bytes | None]) -> bytes:
             seen.add(row[0])
             data = changes[row[0]]
             if data is not None:
-                out.append([row[0], _record_hash(data), str(len(data))])
+                out.append([row[0], record_hash(data), str(len(data))])
         else:
             out.append(row)
     for path, data in changes.items():
         if path not in seen and data is not None:
-            out.insert(len(out) - 1, [path, _record_hash(data), str(len(data))])
+            out.insert(len(out) - 1, [path, record_hash(data), str(len(data))])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(out)
     return buffer.getvalue().encode()
@@ -380,7 +373,7 @@ def apply(
     """
     manifest = load_manifest()
     st = status(target, manifest)
-    release = _release(manifest, target)
+    release = st.release
     if st.overall == "upstream" and (release is None or not st.files):
         return Outcome(False, f"vLLM {target.version} already contains #42596: nothing to do")
     assert release is not None

@@ -21,7 +21,15 @@ BUILD_DEPS = (
     "jinja2",
 )
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
+# An lmcache release of each vLLM release's time that imports with it.
+DEFAULT_LMCACHE = {"0.12": "0.3.9.post2", "0.13": "0.3.9.post2"}
+DEFAULT_LMCACHE_LATER = "0.5.3"
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
+
+
+def default_lmcache(version: str) -> str:
+    """An lmcache release that imports with vLLM ``version``."""
+    return DEFAULT_LMCACHE.get(".".join(version.split(".")[:2]), DEFAULT_LMCACHE_LATER)
 
 
 def pip(python: Path, *args: str, env: dict[str, str] | None = None) -> None:

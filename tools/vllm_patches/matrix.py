@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vllm_patches.apply import apply
+from vllm_patches.apply import apply, status
 from vllm_patches.doctor import Diagnosis, diagnose
-from vllm_patches.envs import lmcache_layer, vllm_env
+from vllm_patches.envs import default_lmcache, lmcache_layer, vllm_env
 from vllm_patches.errors import PatchToolError
-from vllm_patches.prove import default_lmcache
 from vllm_patches.targets import installed_vllm
 
 Cell = dict[str, object]
@@ -69,7 +68,7 @@ def run_matrix(
                 result["cells"][f"{version}|{lm}"] = {"install_error": str(exc)[:300]}
             continue
         site = installed_vllm(str(python))
-        if apply(site, check=True).message.endswith("already patched: nothing to do"):
+        if status(site).overall == "patched":
             apply(site, revert=True)
         rows: dict[str, Cell] = {lm: {} for lm in mine}
         for label in ("unpatched", "patched"):

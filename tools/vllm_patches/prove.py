@@ -8,21 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vllm_patches.apply import apply, status
-from vllm_patches.envs import vllm_env
+from vllm_patches.envs import default_lmcache, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.probe import probe, resolution_line
 from vllm_patches.sources import checkout
 from vllm_patches.targets import installed_vllm
 
-# An lmcache release of each vLLM release's time that imports with it.
-DEFAULT_LMCACHE = {"0.12": "0.3.9.post2", "0.13": "0.3.9.post2"}
-DEFAULT_LMCACHE_LATER = "0.5.3"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def default_lmcache(version: str) -> str:
-    """An lmcache release that imports with vLLM ``version``."""
-    return DEFAULT_LMCACHE.get(".".join(version.split(".")[:2]), DEFAULT_LMCACHE_LATER)
 
 
 def prove(version: str, lmcache: str | None = None) -> Iterator[str]:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from vllm_patches._proc import run_subprocess
 from vllm_patches.apply import apply, status
-from vllm_patches.envs import TEST_DEPS, pip, vllm_env
+from vllm_patches.envs import TEST_DEPS, default_lmcache, pip, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import group_results
-from vllm_patches.prove import default_lmcache
 from vllm_patches.series import load_manifest
 from vllm_patches.sources import cache_root, fetch_sdist
 from vllm_patches.targets import installed_vllm

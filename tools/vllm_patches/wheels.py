@@ -407,8 +407,7 @@ def pip_wheel(python: Path, source: Path, out_dir: Path, version: str, device: s
 def build_from_source(version: str, device: str, out_dir: Path) -> Path:
     """A wheel built from the pinned checkout of ``version`` with the series applied."""
     from vllm_patches.apply import apply
-    from vllm_patches.envs import vllm_env
-    from vllm_patches.prove import default_lmcache
+    from vllm_patches.envs import default_lmcache, vllm_env
     from vllm_patches.sources import checkout
     from vllm_patches.targets import resolve_target
 
