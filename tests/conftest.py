@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from vllm_patches.__main__ import apply_main, main
 from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
@@ -18,11 +19,18 @@ from vllm_patches.wheels import record_hash
 SUPPORTED = [
     "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0",
     "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0",
-]  # fmt: skip
-UPSTREAM = [
     "0.22.0", "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0",
     "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0",
 ]  # fmt: skip
+
+
+def upstream_patches(version: str) -> tuple[str, ...]:
+    """The series' patches upstream took by ``version``: #38301 (0008), #42596 (0001)."""
+    return tuple(
+        n
+        for n, first in (("0001", "0.22.0"), ("0008", "0.20.0"))
+        if Version(version) >= Version(first)
+    )
 
 
 @pytest.fixture(scope="session")

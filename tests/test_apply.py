@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import SUPPORTED, UPSTREAM, connector_bytes, tree_snapshot
+from conftest import SUPPORTED, connector_bytes, tree_snapshot, upstream_patches
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR
 
 
@@ -30,11 +30,12 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     code, out, _ = apply_cli(tree)
     assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
     code, out, _ = cli("status", tree)
-    factory_backport = "0008 upstream" if version >= "0.20.0" else "0008 applied"
+    upstream = upstream_patches(version)
+    numbers = [f"{n:04d}" for n in range(1, 11)]
     assert out.splitlines() == [
         "patched",
         f"git checkout {tree} (vLLM {version}): "
-        + ", ".join(factory_backport if n == 8 else f"{n:04d} applied" for n in range(1, 11)),
+        + ", ".join(f"{n} {'upstream' if n in upstream else 'applied'}" for n in numbers),
     ]
     assert connector_bytes(tree) == _overlay(manifest, version)
     subjects = _git(tree, "log", "--format=%s", f"v{version}..HEAD").splitlines()
@@ -42,18 +43,21 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
         "[KVConnector] Test kv_connector_module_path priority and the creation log",
         "[KVConnector] Say which connector class runs and how it was found",
     ]
-    if version < "0.20.0":
+    if "0008" not in upstream:
         factory.append("[KVConnector] Prioritize external connector over internal registry")
-    assert subjects == [
-        *factory,
+    connector = [
         "[KVConnector][LMCache] Test the construction check of LMCacheMPConnector",
         "[KVConnector][LMCache] Only pick an LMCacheMPConnector that can be built",
         "[KVConnector][LMCache] Test the version-aware LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Pick lmcache's connector built for the running vLLM",
         "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
-        "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation",
     ]
+    if "0001" not in upstream:
+        connector.append(
+            "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation"
+        )
+    assert subjects == [*factory, *connector]
     assert _git(tree, "rev-parse", "main") == _git(tree, "rev-parse", f"v{version}")
     assert apply_cli(tree)[:2] == (
         0,
@@ -79,22 +83,17 @@ def test_plain_tree_round_trip(manifest, plain_tree, cli, apply_cli, version):
     assert tree_snapshot(tree) == before
 
 
-@pytest.mark.parametrize("version", UPSTREAM)
-def test_upstream_releases_are_a_no_op(git_tree, cli, apply_cli, version):
-    tree = git_tree(version)
-    before = tree_snapshot(tree)
-    assert cli("status", tree)[1].splitlines() == [
-        "upstream",
-        f"git checkout {tree} (vLLM {version}): 0001 upstream, 0008 upstream",
-    ]
-    code, out, _ = apply_cli(tree)
-    assert (code, out) == (0, f"vLLM {version} already contains #42596: nothing to do\n")
-    assert tree_snapshot(tree) == before
-
-
-def test_unknown_newer_release_with_42596_is_upstream(git_tree, cli):
+def test_unknown_newer_release_asks_for_a_rebase(git_tree, cli, apply_cli):
     tree = git_tree("0.33.0")
-    assert cli("status", tree, "--version", "0.99.0")[1].startswith("upstream\n")
+    before = tree_snapshot(tree)
+    code, out, err = cli("status", tree, "--version", "0.99.0")
+    assert code == 1 and out == ""
+    assert err == (
+        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.33.0); "
+        "run tools/rebase-patches --onto 0.99.0\n"
+    )
+    assert apply_cli(tree, "--version", "0.99.0")[:2] == (1, "")
+    assert tree_snapshot(tree) == before
 
 
 def test_check_changes_nothing(git_tree, apply_cli):

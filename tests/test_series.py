@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SUPPORTED, UPSTREAM
+from conftest import SUPPORTED, upstream_patches
 from vllm_patches.overlay import apply_to_bytes, regenerate
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
 from vllm_patches.sources import read_sdist_file
@@ -55,20 +55,17 @@ def test_no_patch_is_stored_twice():
 
 
 def test_manifest_covers_every_release(manifest):
-    assert set(manifest.releases) == set(SUPPORTED) | set(UPSTREAM)
+    assert set(manifest.releases) == set(SUPPORTED)
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
-    for version in UPSTREAM:
-        assert manifest.releases[version].upstream == ("0001", "0008")
     every = [f"{n:04d}" for n in range(1, 11)]
     for version in SUPPORTED:
+        upstream = upstream_patches(version)
+        assert manifest.releases[version].upstream == tuple(sorted(upstream))
         numbers = [p.name[:4] for p in manifest.releases[version].patch_files]
-        if version >= "0.20.0":
-            # vllm-project/vllm#38301 (0008) is upstream from 0.20.0 on.
-            assert manifest.releases[version].upstream == ("0008",)
-            assert numbers == [n for n in every if n != "0008"]
-        else:
-            assert numbers == every
+        assert numbers == [n for n in every if n not in upstream]
+    assert manifest.patches["0001"].first_release == "0.22.0"
+    assert manifest.patches["0008"].first_release == "0.20.0"
 
 
 def test_overlay_and_hashes_are_up_to_date():

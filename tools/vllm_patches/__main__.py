@@ -154,6 +154,63 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rebase(args: argparse.Namespace) -> int:
+    from vllm_patches import rebase
+
+    if args.abort:
+        print(rebase.abort(args.workdir))
+        return 0
+    try:
+        if args.resume:
+            result = rebase.resume(args.workdir)
+        else:
+            result = rebase.start(
+                args.onto, args.source, user_checkout=args.checkout, workdir=args.workdir
+            )
+    except rebase.RebaseStopped as stop:
+        print(stop.report)
+        raise
+    print(f"carried the vLLM {result.source} series onto vLLM {result.onto}: "
+          + " ".join(result.carried))  # fmt: skip
+    if result.in_base:
+        print(f"already in vLLM {result.onto}, dropped from its series: {' '.join(result.in_base)}")
+    print(f"new groups: {', '.join(result.new_groups) or 'none'}; "
+          f"reused: {', '.join(result.reused_groups) or 'none'}")  # fmt: skip
+    print(f"git range-diff, vLLM {result.source} series -> vLLM {result.onto} series:")
+    print(result.range_diff, end="")
+    print("patches/, patches/series.toml and vllm_overlay/ updated")
+    return 0
+
+
+def rebase_parser() -> argparse.ArgumentParser:
+    """The ``rebase-patches`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="rebase-patches",
+        description="Carry the series onto another vLLM release with git am -3.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--onto", metavar="VERSION", help="the vLLM release to carry the series to")
+    what.add_argument(
+        "--continue", dest="resume", action="store_true", help="go on after resolving a conflict"
+    )
+    what.add_argument("--abort", action="store_true", help="drop the rebase in progress")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="VERSION",
+        help="the release whose series to carry (default: the newest older one with a series)",
+    )
+    parser.add_argument(
+        "--checkout", type=Path, metavar="DIR", help="your git checkout with tag vVERSION"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, metavar="DIR", help="where the replay runs (default: in the cache)"
+    )
+    parser.set_defaults(func=_cmd_rebase)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm-patches`` parser."""
     parser = argparse.ArgumentParser(
@@ -255,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def apply_main(argv: Sequence[str] | None = None) -> int:
     """``apply-patches``."""
     return _run(apply_parser(), argv)
+
+
+def rebase_main(argv: Sequence[str] | None = None) -> int:
+    """``rebase-patches``."""
+    return _run(rebase_parser(), argv)
 
 
 if __name__ == "__main__":

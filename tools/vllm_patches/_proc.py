@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vllm_patches.errors import PatchToolError
 
@@ -21,7 +22,8 @@ def run_subprocess(
     check: bool = True,
     what: str | None = None,
     timeout: float | None = None,
-) -> subprocess.CompletedProcess[str]:
+    text: bool = True,
+) -> subprocess.CompletedProcess[Any]:
     """Run ``cmd`` with captured text output.
 
     :param cmd: argv list, never a shell string.
@@ -29,20 +31,22 @@ def run_subprocess(
     :param env: extra environment variables laid over ``os.environ``.
     :param check: raise :class:`PatchToolError` on a non-zero exit.
     :param what: what the command does, for the error message.
+    :param text: decode the output; ``False`` keeps stdout as bytes.
     :returns: the completed process.
     """
     argv = [str(c) for c in cmd]
     full_env = {**os.environ, **env} if env else None
     try:
         proc = subprocess.run(
-            argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+            argv, cwd=cwd, env=full_env, capture_output=True, text=text, timeout=timeout
         )
     except FileNotFoundError:
         msg = f"{argv[0]} is not installed or not on PATH; install it and run the command again"
         raise PatchToolError(msg) from None
     if check and proc.returncode != 0:
         logger.debug("command failed: %s\n%s\n%s", argv, proc.stdout, proc.stderr)
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
+        out, err = (s if text else s.decode(errors="replace") for s in (proc.stdout, proc.stderr))
+        tail = (err.strip() or out.strip()).splitlines()[-5:]
         msg = f"{what or ' '.join(argv[:3])} failed (exit {proc.returncode}): " + " | ".join(tail)
         raise PatchToolError(msg)
     return proc

@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from packaging.version import Version
-
 from vllm_patches._git import GIT_IDENTITY, git_ok, run_git
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import apply_to_bytes
 from vllm_patches.series import (
     CONNECTOR,
     PATCHES_DIR,
-    UPSTREAM_MARKERS,
     Group,
     Manifest,
     Release,
@@ -45,8 +42,7 @@ class Status:
 
     target: Target
     overall: Overall
-    release: Release | None = None
-    """The target's release; None for an unknown newer release that has #42596."""
+    release: Release
     patches: dict[str, str] = field(default_factory=dict)
     """Per patch number: ``applied``, ``missing`` or ``upstream``."""
     files: dict[str, str] = field(default_factory=dict)
@@ -66,32 +62,22 @@ def _read(target: Target, path: str) -> bytes | None:
     return file.read_bytes() if file.is_file() else None
 
 
-def _release(manifest: Manifest, target: Target) -> Release | None:
-    """The target's release, ``None`` for an unknown release that already has #42596."""
-    connector = _read(target, CONNECTOR)
-    if connector is None:
+def _release(manifest: Manifest, target: Target) -> Release:
+    """The target's release, or a clear error for one without a series."""
+    if _read(target, CONNECTOR) is None:
         msg = (
             f"vLLM {target.version} at {target.root} has no {CONNECTOR}; the connector first "
             "shipped in vLLM 0.11.1 and the series starts at 0.12.0"
         )
         raise PatchToolError(msg)
-    known = manifest.releases
-    newest = max(known, key=Version)
-    if (
-        target.version not in known
-        and Version(target.version) > Version(newest)
-        and all(m in connector for m in UPSTREAM_MARKERS)
-    ):
-        return None
     return manifest.release(target.version)
 
 
 def status(target: Target, manifest: Manifest | None = None) -> Status:
-    """Classify ``target``: unpatched, patched, upstream (the release has #42596) or modified."""
+    """Classify ``target``: unpatched, patched, upstream (the release has the whole series) or
+    modified."""
     manifest = manifest or load_manifest()
     release = _release(manifest, target)
-    if release is None:
-        return Status(target, "upstream", patches={"0001": "upstream"})
     result = Status(target, "unpatched", release)
     result.patches = dict.fromkeys(release.upstream, "upstream")
     for group in _groups(release, target):
@@ -374,9 +360,8 @@ def apply(
     manifest = load_manifest()
     st = status(target, manifest)
     release = st.release
-    if st.overall == "upstream" and (release is None or not st.files):
-        return Outcome(False, f"vLLM {target.version} already contains #42596: nothing to do")
-    assert release is not None
+    if not release.groups:
+        return Outcome(False, f"vLLM {target.version} already contains the series: nothing to do")
     if revert:
         return _revert(target, release, st, check=check, force=force)
     if st.overall == "patched":

@@ -14,6 +14,7 @@ TORCH = "torch==2.13.0"
 BUILD_DEPS = (
     "setuptools>=77,<81",
     "setuptools-scm",
+    "setuptools-rust",  # vLLM 0.22.0 and later import it in setup.py
     "wheel",
     "packaging",
     "ninja",

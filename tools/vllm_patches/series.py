@@ -24,8 +24,6 @@ OVERLAY_DIR = REPO_ROOT / "vllm_overlay"
 MANIFEST = PATCHES_DIR / "series.toml"
 
 CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py"
-# Markers of vllm-project/vllm#42596 in the connector file.
-UPSTREAM_MARKERS = (b"class LMCacheMPConnectorUpstream(", b"def _resolve_lmcache_mp_connector(")
 PATCH_NAME = re.compile(r"^(\d{4})-[\w.-]+\.patch$")
 
 

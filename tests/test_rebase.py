@@ -1,0 +1,284 @@
+"""rebase-patches on real vLLM trees, in a copy of this project so that ``patches/`` is its own."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import tree_snapshot
+from packaging.version import Version
+from vllm_patches.overlay import dump_manifest
+from vllm_patches.rebase import _mark_upstream
+from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
+
+PROJECT_DIRS = ("tools", "patches", "vllm_overlay")
+
+
+def _project_copy(tmp_path: Path, first_dropped: str) -> Path:
+    """This project with the series of ``first_dropped`` and every later release removed."""
+    root = tmp_path / "project"
+    for name in PROJECT_DIRS:
+        shutil.copytree(
+            REPO_ROOT / name,
+            root / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
+    manifest_path = root / "patches" / "series.toml"
+    manifest = load_manifest(manifest_path)
+    releases = {v: r for v, r in manifest.releases.items() if Version(v) < Version(first_dropped)}
+    kept = {g.name for r in releases.values() for g in r.groups}
+    for name in set(manifest.groups) - kept:
+        shutil.rmtree(root / "patches" / name)
+        shutil.rmtree(root / "vllm_overlay" / name, ignore_errors=True)
+    groups = {n: g for n, g in manifest.groups.items() if n in kept}
+    manifest_path.write_text(dump_manifest(replace(manifest, groups=groups, releases=releases)))
+    return root
+
+
+def _rebase(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run the copy's own ``tools/rebase-patches``."""
+    env = {**os.environ, "VLLM_PATCHES_PYTHON": sys.executable}
+    return subprocess.run(
+        [project / "tools" / "rebase-patches", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+def _series_state(project: Path) -> dict[str, str]:
+    return {
+        name: digest
+        for part in ("patches", "vllm_overlay")
+        for name, digest in tree_snapshot(project / part).items()
+    }
+
+
+def test_rebase_021_onto_022_from_scratch(tmp_path):
+    """0001 is found in 0.22.0 and dropped; the rest replays; the result is the shipped series."""
+    project = _project_copy(tmp_path, "0.22.0")
+    work = tmp_path / "work"
+    proc = _rebase(project, "--onto", "0.22.0", "--workdir", work)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (
+        "carried the vLLM 0.21.0 series onto vLLM 0.22.0: 0002 0003 0004 0005 0006 0007 0009 0010"
+    )
+    assert lines[1] == "already in vLLM 0.22.0, dropped from its series: 0001"
+    assert lines[2] == (
+        "new groups: connector-0.22.0; reused: tests, factory-0.21.0, tests-factory"
+    )
+    # git range-diff: 0001 has no counterpart, every other patch is unchanged.
+    assert any("<  -:  -------" in line and "Resolve LMCacheMPConnector" in line for line in lines)
+    assert sum(" =  " in line for line in lines) == 8
+    assert not work.exists()
+
+    ours = load_manifest(project / "patches" / "series.toml")
+    shipped = load_manifest()
+    assert ours.releases["0.22.0"] == shipped.releases["0.22.0"]
+    assert ours.releases["0.22.0"].upstream == ("0001", "0008")
+    assert ours.patches["0001"].first_release == "0.22.0"
+    # The exported patches and the overlay are byte for byte the ones this project ships.
+    for name in ("patches/connector-0.22.0", "vllm_overlay/connector-0.22.0"):
+        assert tree_snapshot(project / name) == tree_snapshot(REPO_ROOT / name)
+    patch_0002 = next((project / "patches/connector-0.22.0").glob("0002-*.patch")).read_text()
+    assert "Upstream-Status: Pending" in patch_0002
+    assert "base-commit: " in patch_0002
+
+
+def _conflicting_checkout(git_tree, version: str) -> Path:
+    """A checkout of ``version`` whose connector file was changed where patch 0002 edits it."""
+    tree = git_tree(version)
+    path = tree / CONNECTOR
+    text = path.read_text()
+    line = '"Force use builtin LMCacheMPConnectorUpstream in vLLM.",'
+    assert text.count(line) == 1
+    path.write_text(text.replace(line, '"Forced by the environment: builtin connector.",'))
+    for args in (["commit", "-q", "-a", "-m", "local change"], ["tag", "-f", f"v{version}"]):
+        subprocess.run(["git", *args], cwd=tree, check=True, capture_output=True)
+    return tree
+
+
+def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
+    project = _project_copy(tmp_path, "0.23.0")
+    before = _series_state(project)
+    checkout = _conflicting_checkout(git_tree, "0.23.0")
+    work = tmp_path / "work"
+
+    proc = _rebase(project, "--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: patch 0002 conflicts with vLLM 0.23.0 in {CONNECTOR}; "
+        f"resolve it in {work} and run tools/rebase-patches --continue"
+    ]
+    report = proc.stdout
+    assert report.startswith("patch connector-0.22.0/0002-KVConnector-LMCache-Harden-")
+    assert "<<<<<<<" in report and ">>>>>>>" in report
+    assert f"tools/rebase-patches --continue --workdir {work}" in report
+    assert _series_state(project) == before
+    conflicted = (work / CONNECTOR).read_text()
+    assert "<<<<<<<" in conflicted
+
+    # --continue before the conflict is resolved: refused, nothing changes.
+    proc = _rebase(project, "--continue", "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: {CONNECTOR} in {work} still conflict; resolve them and git add them\n"
+    )
+    # A second rebase onto the same release while this one is open: refused.
+    proc = _rebase(project, "--onto", "0.23.0", "--workdir", work)
+    assert proc.returncode == 1 and "already in progress" in proc.stderr
+    assert _series_state(project) == before
+
+    proc = _rebase(project, "--abort", "--workdir", work)
+    assert proc.returncode == 0 and "patches/ was not changed" in proc.stdout
+    assert not work.exists()
+    assert _series_state(project) == before
+    proc = _rebase(project, "--continue", "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: no rebase is in progress in {work}; start one with --onto VERSION\n"
+    )
+
+
+def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(tmp_path, git_tree):
+    """--continue replays the rest; a base that is not the released file is refused at the end."""
+    project = _project_copy(tmp_path, "0.23.0")
+    before = _series_state(project)
+    checkout = _conflicting_checkout(git_tree, "0.23.0")
+    work = tmp_path / "work"
+    proc = _rebase(project, "--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    assert proc.returncode == 1
+    subprocess.run(["git", "checkout", "--theirs", CONNECTOR], cwd=work, check=True)
+    subprocess.run(["git", "add", CONNECTOR], cwd=work, check=True)
+    proc = _rebase(project, "--continue", "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: {CONNECTOR} in {work} at v0.23.0 differs from vLLM 0.23.0's sdist; a series "
+        "is recorded against released files: --abort, and rebase onto the release itself\n"
+    )
+    log = subprocess.run(
+        ["git", "log", "--format=%s", "v0.23.0..HEAD"], cwd=work, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert len(log) == 8  # every patch but 0001 replayed, 0002 with the resolution
+    assert _series_state(project) == before
+
+
+def _amend(work: Path, subject: str, old: str, new: str) -> None:
+    """Edit the commit whose subject contains ``subject``, as a maintainer would."""
+    env = {**os.environ, "GIT_SEQUENCE_EDITOR": f"sed -i -E 's/^pick (\\S+ .*{subject})/edit \\1/'"}
+    git = ["git", "-c", "user.name=m", "-c", "user.email=m@localhost"]
+    subprocess.run([*git, "rebase", "-q", "-i", "v0.31.0"], cwd=work, env=env, check=True)
+    path = work / CONNECTOR
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    subprocess.run([*git, "commit", "-q", "-a", "--amend", "--no-edit"], cwd=work, check=True)
+    subprocess.run([*git, "rebase", "--continue"], cwd=work, check=True, capture_output=True)
+
+
+def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
+    """vLLM 0.31.0 turned on pydocstyle rules: the replayed series stops; amended, it is written."""
+    project = _project_copy(tmp_path, "0.31.0")
+    before = _series_state(project)
+    work = tmp_path / "work"
+    proc = _rebase(project, "--onto", "0.31.0", "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "error: the series carried onto vLLM 0.31.0 fails that release's ruff config; "
+        f"fix it in {work} and run tools/rebase-patches --continue\n"
+    )
+    assert "D413" in proc.stdout and "D403" in proc.stdout
+    assert _series_state(project) == before
+
+    _amend(work, "Harden", '        does not).\n    """', '        does not).\n\n    """')
+    _amend(work, "Pick", '"""lmcache\'s frozen', '"""Return lmcache\'s frozen')
+    proc = _rebase(project, "--continue", "--workdir", work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "new groups: connector-0.31.0, factory-0.31.0" in proc.stdout
+    today = f"Last-Update: {datetime.date.today().isoformat()}"
+    for shipped in sorted((REPO_ROOT / "patches/connector-0.31.0").glob("*.patch")):
+        ours = (project / "patches/connector-0.31.0" / shipped.name).read_text()
+        # Only the patches whose change was amended get a new Last-Update.
+        assert (today in ours) == (shipped.name[:4] in ("0002", "0004"))
+        assert _without_last_update(ours) == _without_last_update(shipped.read_text())
+    assert tree_snapshot(project / "vllm_overlay/connector-0.31.0") == tree_snapshot(
+        REPO_ROOT / "vllm_overlay/connector-0.31.0"
+    )
+
+
+def _without_last_update(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("Last-Update:"))
+
+
+BAD_INPUT = [
+    (
+        ["--onto", "0.99.0"],
+        "vLLM 0.99.0 has no sdist on the package index; pick a released version",
+    ),
+    (
+        ["--onto", "0.11.0", "--from", "0.12.0"],
+        f"vLLM 0.11.0 has no {CONNECTOR}; the series cannot be carried onto it",
+    ),
+    (
+        ["--onto", "0.34.0", "--from", "0.5.0"],
+        "--from 0.5.0: patches/series.toml has no series for vLLM 0.5.0 "
+        "(series exist for 0.12.0 … 0.33.0)",
+    ),
+    (
+        ["--onto", "0.21.0"],
+        "vLLM 0.21.0 already has a series (connector-0.21.0, tests, factory-0.21.0, "
+        "tests-factory); nothing to rebase",
+    ),
+    (["--onto", "banana"], "'banana' is not a vLLM release number; give one like 0.21.0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_changes_nothing(tmp_path, args, message):
+    project = _project_copy(tmp_path, "0.99.0")
+    before = _series_state(project)
+    proc = _rebase(project, *args, "--workdir", tmp_path / "work")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"error: {message}\n"
+    assert _series_state(project) == before
+    assert not (tmp_path / "work").exists()
+
+
+def test_continue_with_nothing_in_progress(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LMCACHE_MP_CACHE", str(tmp_path / "cache"))
+    proc = _rebase(_project_copy(tmp_path, "0.99.0"), "--continue")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "error: no rebase is in progress; start one with tools/rebase-patches --onto VERSION\n"
+    )
+
+
+def test_existing_workdir_is_not_touched(tmp_path):
+    project = _project_copy(tmp_path, "0.33.0")
+    work = tmp_path / "work"
+    (work / "mine").mkdir(parents=True)
+    proc = _rebase(project, "--onto", "0.33.0", "--workdir", work)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: {work} exists and holds no rebase; remove it or pass another --workdir\n"
+    )
+    assert (work / "mine").is_dir()
+
+
+def test_a_patch_found_upstream_is_marked_backport():
+    text = (
+        "Subject: [PATCH] x\n\nBody.\n\nUpstream-Status: Pending [follow-up]\nForwarded: no\n"
+        "Last-Update: 2026-11-24\n"
+    )
+    assert _mark_upstream(text, "vllm-project/vllm#1, v0.40.0") == (
+        "Subject: [PATCH] x\n\nBody.\n\nUpstream-Status: Backport [vllm-project/vllm#1, v0.40.0]\n"
+        "Last-Update: 2026-11-24\n"
+    )
