@@ -192,10 +192,12 @@ def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
     proc = _rebase(project, "--onto", "0.31.0", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
-        "error: the series carried onto vLLM 0.31.0 fails that release's ruff config; "
+        "error: the series carried onto vLLM 0.31.0 fails that release's ruff hooks; "
         f"fix it in {work} and run tools/rebase-patches --continue\n"
     )
-    assert "D413" in proc.stdout and "D403" in proc.stdout
+    # vLLM's ruff-check hook runs with --fix: the report shows what ruff would change.
+    assert "- hook id: ruff-check" in proc.stdout
+    assert '+    """Lmcache\'s frozen connector modules' in proc.stdout
     assert _series_state(project) == before
 
     _amend(work, "Harden", '        does not).\n    """', '        does not).\n\n    """')

@@ -211,6 +211,56 @@ def rebase_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_upstream(args: argparse.Namespace) -> int:
+    from vllm_patches import upstream
+
+    base = args.base or upstream.newest_release()
+    try:
+        pr = upstream.prepare(
+            base,
+            args.out or Path.cwd() / f"upstream-pr-v{base}",
+            user_checkout=args.checkout,
+            branch=args.branch,
+            lmcache=args.lmcache,
+            assisted_by=tuple(args.assisted_by),
+        )
+    except upstream.ChecksFailed as failed:
+        print(failed.report)
+        raise
+    print(f"title: {pr.title}")
+    print(f"branch {pr.branch} in {pr.checkout}: {len(upstream.PR_PATCHES)} signed-off commits")
+    for hook in pr.hooks:
+        print(f"  {hook.id}: {hook.outcome}{f' ({hook.detail})' if hook.detail else ''}")
+    for name, run in (("vLLM " + base, pr.tests.baseline), ("with the change", pr.tests.patched)):
+        counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
+        print(f"tests, {name}: {counts} in {run.seconds:.1f} s")
+    print(f"written: {pr.out}/PR.md, {pr.out}/patches/, {pr.out}/checks.txt, {pr.out}/tests/")
+    return 0
+
+
+def upstream_parser() -> argparse.ArgumentParser:
+    """The ``prepare-upstream-pr`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="prepare-upstream-pr",
+        description="Prepare 0002 + 0003 as a pull request against vLLM's newest release.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    parser.add_argument("--base", metavar="VERSION", help="default: the newest supported release")
+    parser.add_argument("--out", type=Path, help="default: ./upstream-pr-vVERSION")
+    parser.add_argument("--checkout", type=Path, metavar="DIR", help="your vLLM git checkout")
+    parser.add_argument("--branch", default="lmcache-mp-connector-hardening")
+    parser.add_argument("--lmcache", help="lmcache release for the tests (default: of its time)")
+    parser.add_argument(
+        "--assisted-by",
+        nargs="*",
+        default=["Claude"],
+        metavar="NAME",
+        help="Co-authored-by trailers for AI assistance (vLLM requires the disclosure)",
+    )
+    parser.set_defaults(func=_cmd_upstream)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm-patches`` parser."""
     parser = argparse.ArgumentParser(
@@ -317,6 +367,11 @@ def apply_main(argv: Sequence[str] | None = None) -> int:
 def rebase_main(argv: Sequence[str] | None = None) -> int:
     """``rebase-patches``."""
     return _run(rebase_parser(), argv)
+
+
+def upstream_main(argv: Sequence[str] | None = None) -> int:
+    """``prepare-upstream-pr``."""
+    return _run(upstream_parser(), argv)
 
 
 if __name__ == "__main__":

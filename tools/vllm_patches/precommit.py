@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from identify.identify import tags_from_path
 
+from vllm_patches._git import run_git
 from vllm_patches._proc import run_subprocess
 from vllm_patches.errors import PatchToolError
 
@@ -91,8 +92,13 @@ def _matches(hook: dict[str, Any], config: dict[str, Any], path: str, tags: set[
     )
 
 
-def plan(checkout: Path, files: list[str]) -> tuple[dict[str, Any], list[HookResult]]:
-    """The pre-commit config to run on ``files``, and the hooks that will not run, with why."""
+def plan(
+    checkout: Path, files: list[str], only: set[str] | None = None
+) -> tuple[dict[str, Any], list[HookResult]]:
+    """The pre-commit config to run on ``files``, and the hooks that will not run, with why.
+
+    :param only: run just these hook ids.
+    """
     raw = (checkout / ".pre-commit-config.yaml").read_text()
     config = yaml.safe_load(raw)
     stages = set(config.get("default_stages", ["pre-commit"]))
@@ -101,6 +107,8 @@ def plan(checkout: Path, files: list[str]) -> tuple[dict[str, Any], list[HookRes
     skipped: list[HookResult] = []
     for repo in config["repos"]:
         for hook in repo["hooks"]:
+            if only is not None and hook["id"] not in only:
+                continue
             definition: dict[str, Any] = {}
             if repo["repo"] in ("local", "meta"):
                 definition = dict(hook)
@@ -134,12 +142,17 @@ def plan(checkout: Path, files: list[str]) -> tuple[dict[str, Any], list[HookRes
     return {"repos": [{"repo": "local", "hooks": hooks}]}, skipped
 
 
-def run_hooks(checkout: Path, files: list[str]) -> tuple[list[HookResult], str]:
-    """Run vLLM's hooks on ``files`` (paths relative to the checkout).
+def run_hooks(
+    checkout: Path, files: list[str], only: set[str] | None = None
+) -> tuple[list[HookResult], str]:
+    """Run vLLM's hooks on ``files`` (paths relative to the checkout), then undo their fixes.
+
+    A hook that changes a file fails (pre-commit's rule); what it changed is shown at the
+    end of the output and the checkout's tracked files are restored.
 
     :returns: every hook's result, and pre-commit's output.
     """
-    config, results = plan(checkout, files)
+    config, results = plan(checkout, files, only)
     with tempfile.TemporaryDirectory(prefix="vllm-hooks-") as tmp:
         path = Path(tmp) / "pre-commit-config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -151,6 +164,10 @@ def run_hooks(checkout: Path, files: list[str]) -> tuple[list[HookResult], str]:
             what="pre-commit run",
         )  # fmt: skip
     output = proc.stdout + proc.stderr
+    fixes = run_git(["diff", "--no-color"], checkout)
+    if fixes:
+        run_git(["checkout", "-q", "--", "."], checkout)
+        output += "\nThe hooks changed files (undone here):\n" + fixes
     seen = set()
     for line in output.splitlines():
         match = SUMMARY.match(line.strip())
@@ -159,6 +176,6 @@ def run_hooks(checkout: Path, files: list[str]) -> tuple[list[HookResult], str]:
             results.append(HookResult(match["id"], match["status"].lower(), match["why"] or ""))
     missing = [h["id"] for h in config["repos"][0]["hooks"] if h["id"] not in seen]
     if missing:
-        msg = f"pre-commit did not report {', '.join(missing)} (exit {proc.returncode}): {output[-400:]}"
+        msg = f"pre-commit did not report {', '.join(missing)}: {output.strip()[-400:]}"
         raise PatchToolError(msg)
     return results, output

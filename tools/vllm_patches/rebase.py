@@ -9,11 +9,9 @@ manifest change only when every patch is in, and are put back if writing them fa
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from vllm_patches._git import GIT_IDENTITY, git_ok, is_git_worktree, run_git
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import dump_manifest, regenerate
+from vllm_patches.precommit import run_hooks
 from vllm_patches.series import (
     CONNECTOR,
     MANIFEST,
@@ -369,26 +368,16 @@ def _mark_upstream(text: str, where: str) -> str:
 
 
 def _lint(work: Path, state: RebaseState) -> None:
-    """Stop if a changed vLLM file fails the new release's own ruff check or format."""
-    if importlib.util.find_spec("ruff") is None:
-        msg = "ruff is needed to check the new series; install it: pip install -e '.[dev]'"
-        raise PatchToolError(msg)
+    """Stop if a changed file fails the new release's own ruff hooks (its pinned version)."""
     tag = f"v{state.onto}"
-    changed = [
-        f for f in run_git(["diff", "--name-only", tag, "HEAD"], work).split() if f.endswith(".py")
-    ]
-    problems = []
-    for args in (["check", "--no-fix", "--output-format", "concise"], ["format", "--diff"]):
-        proc = run_subprocess(
-            [sys.executable, "-m", "ruff", *args, *changed], cwd=work, check=False
-        )
-        if proc.returncode != 0:
-            problems.append(proc.stdout.strip() or proc.stderr.strip())
-    if problems:
+    changed = run_git(["diff", "--name-only", tag, "HEAD"], work).split()
+    results, output = run_hooks(work, changed, only={"ruff-check", "ruff-format"})
+    failed = [r.id for r in results if r.outcome == "failed"]
+    if failed:
         report = "\n".join(
             [
-                f"the carried series does not pass vLLM {state.onto}'s ruff config:",
-                *problems,
+                f"the carried series does not pass vLLM {state.onto}'s {', '.join(failed)}:",
+                output.strip(),
                 "",
                 f"Fix each file in {work} in the commit of the patch that introduced the code",
                 f"(git -C {work} rebase -i {tag}, mark it edit, amend), then:",
@@ -397,7 +386,7 @@ def _lint(work: Path, state: RebaseState) -> None:
             ]
         )
         msg = (
-            f"the series carried onto vLLM {state.onto} fails that release's ruff config; "
+            f"the series carried onto vLLM {state.onto} fails that release's ruff hooks; "
             f"fix it in {work} and run tools/rebase-patches --continue"
         )
         raise RebaseStopped(msg, report)

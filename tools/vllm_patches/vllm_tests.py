@@ -7,6 +7,8 @@ import shutil
 import tarfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,33 +172,61 @@ def _pytest(python: Path, src: Path, work: Path, *, ignore: list[str], name: str
     return run
 
 
-def run_vllm_tests(version: str, lmcache: str | None = None, out: Path | None = None) -> Report:
+@contextmanager
+def _installed(site: Path, files: dict[str, bytes | None]) -> Iterator[None]:
+    """Lay ``files`` over the installed vLLM for the duration, then put the originals back."""
+    originals = {p: (site / p).read_bytes() if (site / p).is_file() else None for p in files}
+    try:
+        for path, data in files.items():
+            _put(site / path, data)
+        yield
+    finally:
+        for path, data in originals.items():
+            _put(site / path, data)
+
+
+def _put(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(data)
+
+
+def run_vllm_tests(
+    version: str,
+    lmcache: str | None = None,
+    out: Path | None = None,
+    *,
+    change: dict[str, bytes | None] | None = None,
+) -> Report:
     """Run vLLM's connector unit tests baseline vs patched on one install and write the report.
 
+    :param change: the files to test (path in vLLM's tree -> bytes); by default the
+        release's series.
     :returns: the report; ``regressions`` lists tests that passed unpatched and not patched.
     """
     manifest = load_manifest()
     release = manifest.release(version)
+    if change is None:
+        change = {g.path: group_results(g)[1][-1] for g in release.groups}
     lmcache = lmcache or default_lmcache(version)
     python = vllm_env(version, lmcache)
     pip(python, "install", "-q", "torch==2.13.0", *TEST_DEPS)
     site = installed_vllm(str(python))
-    if status(site, manifest).overall == "patched":
+    if status(site, manifest).overall != "unpatched":
         apply(site, revert=True)
     work = cache_root() / "vllm-tests" / version
     work.mkdir(parents=True, exist_ok=True)
     src = _sources(version, work)
-    # The series' own test files (0003, 0005, 0007, 0010) run only patched, as the series
-    # puts them in vLLM's tree.
-    series_tests = [g for g in release.groups if not g.installed]
-    baseline = _pytest(python, src, work, ignore=[g.path for g in series_tests], name="baseline")
-    for group in series_tests:
-        (src / group.path).write_bytes(group_results(group)[1][-1] or b"")
-    apply(site)
-    try:
+    tests = {p: d for p, d in change.items() if not p.startswith("vllm/")}
+    # New test files (the series' 0003, 0005, 0007, 0010) run only patched.
+    new_tests = [p for p in tests if not (src / p).is_file()]
+    baseline = _pytest(python, src, work, ignore=new_tests, name="baseline")
+    for path, data in tests.items():
+        _put(src / path, data)
+    installed = {p: d for p, d in change.items() if p.startswith("vllm/")}
+    with _installed(site.root, installed):
         patched = _pytest(python, src, work, ignore=[], name="patched")
-    finally:
-        apply(site, revert=True)
     regressions = sorted(
         t
         for t, outcome in baseline.outcomes.items()
