@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from packaging.version import Version
 from vllm_patches.__main__ import apply_main, main
-from vllm_patches.series import CONNECTOR, load_manifest
+from vllm_patches.overlay import dump_manifest
+from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
 from vllm_patches.wheels import record_hash
 
@@ -136,3 +140,39 @@ def fake_site(tmp_path) -> Callable[[str], tuple[Path, Path]]:
 
 def connector_bytes(root: Path) -> bytes:
     return (root / CONNECTOR).read_bytes()
+
+
+PROJECT_DIRS = ("tools", "patches", "vllm_overlay")
+
+
+def project_copy(tmp_path: Path, first_dropped: str) -> Path:
+    """This project with the series of ``first_dropped`` and every later release removed."""
+    root = tmp_path / "project"
+    for name in PROJECT_DIRS:
+        shutil.copytree(
+            REPO_ROOT / name,
+            root / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
+    manifest_path = root / "patches" / "series.toml"
+    manifest = load_manifest(manifest_path)
+    releases = {v: r for v, r in manifest.releases.items() if Version(v) < Version(first_dropped)}
+    kept = {g.name for r in releases.values() for g in r.groups}
+    for name in set(manifest.groups) - kept:
+        shutil.rmtree(root / "patches" / name)
+        shutil.rmtree(root / "vllm_overlay" / name, ignore_errors=True)
+    groups = {n: g for n, g in manifest.groups.items() if n in kept}
+    manifest_path.write_text(dump_manifest(replace(manifest, groups=groups, releases=releases)))
+    return root
+
+
+def run_tool(project: Path, tool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run one of the copy's own ``tools/`` commands."""
+    env = {**os.environ, "VLLM_PATCHES_PYTHON": sys.executable}
+    return subprocess.run(
+        [project / "tools" / tool, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )

@@ -24,13 +24,25 @@ BUILTIN = (
     "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnectorUpstream"
 )
 UNPATCHED = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
-# (vLLM, lmcache of its time): the oldest and the newest supported release.
-PAIRS = {"0.12.0": "0.3.9.post2", "0.21.0": "0.5.3"}
+# (vLLM, lmcache of its time): the oldest release, the newest without #42596, the newest.
+PAIRS = {"0.12.0": "0.3.9.post2", "0.21.0": "0.5.3", "0.33.0": "0.5.6"}
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
-# What the patched resolution picks with the venv's own lmcache when lmcache's main module is
-# unusable: nothing on 0.12.0 (lmcache 0.3.9.post2 has no MP connector); lmcache 0.5.3's _0201
-# on 0.21.0 (its _0201 imports and its calls bind; the builtin's do not).
-FALLBACK = {"0.12.0": BUILTIN, "0.21.0": FROZEN.format("0201")}
+MAIN = f"{LMCACHE_MODULE}.LMCacheMPConnector"
+# What the patched resolution picks with the venv's own lmcache: the builtin on 0.12.0
+# (lmcache 0.3.9.post2 has no MP connector); lmcache 0.5.3's _0201 on 0.21.0 (its main module
+# needs a newer vLLM; _0201 imports and its calls bind; the builtin's do not); lmcache 0.5.6's
+# main connector on 0.33.0.
+DEFAULT = {"0.12.0": BUILTIN, "0.21.0": FROZEN.format("0201"), "0.33.0": MAIN}
+UNAVAILABLE = (
+    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
+    "._unbuildable_lmcache_mp_connector.<locals>.LMCacheMPConnectorUnavailable"
+)
+# ... and when lmcache's main module is broken: on 0.33.0 nothing (lmcache 0.5.6 ships no
+# frozen copies, and vLLM 0.33.0's builtin cannot be built with it: `server_urls`), so the
+# one clear error where upstream would fall back to a builtin that fails at engine start.
+FALLBACK = {**DEFAULT, "0.33.0": UNAVAILABLE}
+# Unpatched: vLLM's own class before #42596, lmcache's main connector after it.
+UNPATCHED_CLASS = {"0.12.0": UNPATCHED, "0.21.0": UNPATCHED, "0.33.0": MAIN}
 GOOD = """
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
@@ -66,7 +78,7 @@ def patched(request):
     python = vllm_env(version, PAIRS[version])
     site = installed_vllm(str(python))
     original = (site.root / CONNECTOR).read_bytes()
-    unpatched = probe(python)
+    unpatched = {"": probe(python), "0": probe(python, {"LMCACHE_USE_UPSTREAM_MP": "0"})}
     assert apply(site).changed
     yield version, python, site, unpatched
     apply(site, revert=True)
@@ -78,9 +90,19 @@ def _clean(log: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", resolution_line(log))
 
 
-def test_unpatched_release_has_only_the_builtin(patched):
-    _, _, _, unpatched = patched
-    assert unpatched.ok and unpatched.cls == UNPATCHED and unpatched.factory_is_cls
+def test_unpatched_resolution(patched):
+    version, _, _, unpatched = patched
+    assert unpatched[""].ok and unpatched[""].cls == UNPATCHED_CLASS[version]
+    assert unpatched[""].factory_is_cls
+
+
+def test_env_zero_forced_the_builtin_upstream_and_no_longer_does(patched):
+    """vLLM 0.22.0+ (#42596): LMCACHE_USE_UPSTREAM_MP=0 forced the builtin; patched, it does not."""
+    version, python, _, unpatched = patched
+    if version != "0.33.0":
+        pytest.skip("the variable exists from vLLM 0.22.0 on")
+    assert unpatched["0"].cls == BUILTIN
+    assert probe(python, {"LMCACHE_USE_UPSTREAM_MP": "0"}).cls == MAIN
 
 
 def test_status_is_patched(patched):
@@ -91,10 +113,13 @@ def test_status_is_patched(patched):
 def test_default_resolution_with_real_lmcache(patched):
     version, python, _, _ = patched
     result = probe(python)
-    assert result.ok and result.cls == FALLBACK[version]
+    assert result.ok and result.cls == DEFAULT[version]
     assert result.factory_is_cls and result.subclass
     line = _clean(result.log)
-    if version == "0.12.0":
+    if version == "0.33.0":
+        assert "INFO" in line
+        assert f"using {MAIN} from lmcache 0.5.6 (lmcache's main connector)" in line
+    elif version == "0.12.0":
         # lmcache 0.3.9.post2 has no MP connector: the quiet, info-level fallback.
         assert "INFO" in line and f"{LMCACHE_MODULE} is not installed" in line
     else:
@@ -152,11 +177,11 @@ def test_importable_lmcache_module_wins(patched, tmp_path):
 def test_broken_lmcache_module_falls_back(patched, tmp_path, source, reason):
     version, python, _, _ = patched
     result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, source)])
-    assert result.ok, "vLLM must keep running"
+    assert result.ok, "importing vLLM's module must keep working"
     assert result.cls == FALLBACK[version] and result.factory_is_cls and result.subclass
     line = _clean(result.log)
     assert reason in line
-    assert ("WARNING" if version == "0.12.0" else "INFO") in line
+    assert {BUILTIN: "WARNING", UNAVAILABLE: "ERROR"}.get(FALLBACK[version], "INFO") in line
 
 
 def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
@@ -166,14 +191,19 @@ def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
     from vllm_patches.overlay import apply_to_bytes
     from vllm_patches.series import PATCHES_DIR, load_manifest
 
-    group = next(g for g in load_manifest().releases[version].groups if g.path == CONNECTOR)
+    release = load_manifest().releases[version]
+    group = next(g for g in release.groups if g.path == CONNECTOR)
     path = site.root / CONNECTOR
     patched_bytes = path.read_bytes()
     from vllm_patches.sources import read_sdist_file
 
-    only_0001 = apply_to_bytes(
-        CONNECTOR, read_sdist_file(group.base_release, CONNECTOR), [PATCHES_DIR / group.patches[0]]
-    )[0]
+    base = read_sdist_file(group.base_release, CONNECTOR)
+    # From 0.22.0 on, vLLM's own file is upstream's resolution (0001).
+    only_0001 = (
+        base
+        if "0001" in release.upstream
+        else apply_to_bytes(CONNECTOR, base, [PATCHES_DIR / group.patches[0]])[0]
+    )
     path.write_bytes(only_0001)
     try:
         result = probe(

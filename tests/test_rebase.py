@@ -4,53 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import tree_snapshot
-from packaging.version import Version
-from vllm_patches.overlay import dump_manifest
+from conftest import project_copy, run_tool, tree_snapshot
 from vllm_patches.rebase import _mark_upstream
 from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
-
-PROJECT_DIRS = ("tools", "patches", "vllm_overlay")
-
-
-def _project_copy(tmp_path: Path, first_dropped: str) -> Path:
-    """This project with the series of ``first_dropped`` and every later release removed."""
-    root = tmp_path / "project"
-    for name in PROJECT_DIRS:
-        shutil.copytree(
-            REPO_ROOT / name,
-            root / name,
-            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-        )
-    manifest_path = root / "patches" / "series.toml"
-    manifest = load_manifest(manifest_path)
-    releases = {v: r for v, r in manifest.releases.items() if Version(v) < Version(first_dropped)}
-    kept = {g.name for r in releases.values() for g in r.groups}
-    for name in set(manifest.groups) - kept:
-        shutil.rmtree(root / "patches" / name)
-        shutil.rmtree(root / "vllm_overlay" / name, ignore_errors=True)
-    groups = {n: g for n, g in manifest.groups.items() if n in kept}
-    manifest_path.write_text(dump_manifest(replace(manifest, groups=groups, releases=releases)))
-    return root
-
-
-def _rebase(project: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run the copy's own ``tools/rebase-patches``."""
-    env = {**os.environ, "VLLM_PATCHES_PYTHON": sys.executable}
-    return subprocess.run(
-        [project / "tools" / "rebase-patches", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
 
 
 def _series_state(project: Path) -> dict[str, str]:
@@ -63,9 +23,9 @@ def _series_state(project: Path) -> dict[str, str]:
 
 def test_rebase_021_onto_022_from_scratch(tmp_path):
     """0001 is found in 0.22.0 and dropped; the rest replays; the result is the shipped series."""
-    project = _project_copy(tmp_path, "0.22.0")
+    project = project_copy(tmp_path, "0.22.0")
     work = tmp_path / "work"
-    proc = _rebase(project, "--onto", "0.22.0", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--onto", "0.22.0", "--workdir", work)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == (
@@ -107,12 +67,13 @@ def _conflicting_checkout(git_tree, version: str) -> Path:
 
 
 def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
-    project = _project_copy(tmp_path, "0.23.0")
+    project = project_copy(tmp_path, "0.23.0")
     before = _series_state(project)
     checkout = _conflicting_checkout(git_tree, "0.23.0")
     work = tmp_path / "work"
 
-    proc = _rebase(project, "--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    args = ("--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    proc = run_tool(project, "rebase-patches", *args)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: patch 0002 conflicts with vLLM 0.23.0 in {CONNECTOR}; "
@@ -127,21 +88,21 @@ def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
     assert "<<<<<<<" in conflicted
 
     # --continue before the conflict is resolved: refused, nothing changes.
-    proc = _rebase(project, "--continue", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--continue", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
         f"error: {CONNECTOR} in {work} still conflict; resolve them and git add them\n"
     )
     # A second rebase onto the same release while this one is open: refused.
-    proc = _rebase(project, "--onto", "0.23.0", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--onto", "0.23.0", "--workdir", work)
     assert proc.returncode == 1 and "already in progress" in proc.stderr
     assert _series_state(project) == before
 
-    proc = _rebase(project, "--abort", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--abort", "--workdir", work)
     assert proc.returncode == 0 and "patches/ was not changed" in proc.stdout
     assert not work.exists()
     assert _series_state(project) == before
-    proc = _rebase(project, "--continue", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--continue", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
         f"error: no rebase is in progress in {work}; start one with --onto VERSION\n"
@@ -150,15 +111,16 @@ def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
 
 def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(tmp_path, git_tree):
     """--continue replays the rest; a base that is not the released file is refused at the end."""
-    project = _project_copy(tmp_path, "0.23.0")
+    project = project_copy(tmp_path, "0.23.0")
     before = _series_state(project)
     checkout = _conflicting_checkout(git_tree, "0.23.0")
     work = tmp_path / "work"
-    proc = _rebase(project, "--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    args = ("--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
+    proc = run_tool(project, "rebase-patches", *args)
     assert proc.returncode == 1
     subprocess.run(["git", "checkout", "--theirs", CONNECTOR], cwd=work, check=True)
     subprocess.run(["git", "add", CONNECTOR], cwd=work, check=True)
-    proc = _rebase(project, "--continue", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--continue", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
         f"error: {CONNECTOR} in {work} at v0.23.0 differs from vLLM 0.23.0's sdist; a series "
@@ -186,10 +148,10 @@ def _amend(work: Path, subject: str, old: str, new: str) -> None:
 
 def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
     """vLLM 0.31.0 turned on pydocstyle rules: the replayed series stops; amended, it is written."""
-    project = _project_copy(tmp_path, "0.31.0")
+    project = project_copy(tmp_path, "0.31.0")
     before = _series_state(project)
     work = tmp_path / "work"
-    proc = _rebase(project, "--onto", "0.31.0", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--onto", "0.31.0", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
         "error: the series carried onto vLLM 0.31.0 fails that release's ruff hooks; "
@@ -202,7 +164,7 @@ def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
 
     _amend(work, "Harden", '        does not).\n    """', '        does not).\n\n    """')
     _amend(work, "Pick", '"""lmcache\'s frozen', '"""Return lmcache\'s frozen')
-    proc = _rebase(project, "--continue", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--continue", "--workdir", work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "new groups: connector-0.31.0, factory-0.31.0" in proc.stdout
     today = f"Last-Update: {datetime.date.today().isoformat()}"
@@ -245,9 +207,9 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
 def test_bad_input_changes_nothing(tmp_path, args, message):
-    project = _project_copy(tmp_path, "0.99.0")
+    project = project_copy(tmp_path, "0.99.0")
     before = _series_state(project)
-    proc = _rebase(project, *args, "--workdir", tmp_path / "work")
+    proc = run_tool(project, "rebase-patches", *args, "--workdir", tmp_path / "work")
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr == f"error: {message}\n"
     assert _series_state(project) == before
@@ -256,7 +218,7 @@ def test_bad_input_changes_nothing(tmp_path, args, message):
 
 def test_continue_with_nothing_in_progress(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LMCACHE_MP_CACHE", str(tmp_path / "cache"))
-    proc = _rebase(_project_copy(tmp_path, "0.99.0"), "--continue")
+    proc = run_tool(project_copy(tmp_path, "0.99.0"), "rebase-patches", "--continue")
     assert proc.returncode == 1
     assert proc.stderr == (
         "error: no rebase is in progress; start one with tools/rebase-patches --onto VERSION\n"
@@ -264,10 +226,10 @@ def test_continue_with_nothing_in_progress(tmp_path, monkeypatch):
 
 
 def test_existing_workdir_is_not_touched(tmp_path):
-    project = _project_copy(tmp_path, "0.33.0")
+    project = project_copy(tmp_path, "0.33.0")
     work = tmp_path / "work"
     (work / "mine").mkdir(parents=True)
-    proc = _rebase(project, "--onto", "0.33.0", "--workdir", work)
+    proc = run_tool(project, "rebase-patches", "--onto", "0.33.0", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
         f"error: {work} exists and holds no rebase; remove it or pass another --workdir\n"

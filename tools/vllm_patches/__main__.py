@@ -67,7 +67,7 @@ def _cmd_prove(args: argparse.Namespace) -> int:
 def _cmd_test(args: argparse.Namespace) -> int:
     from vllm_patches.vllm_tests import run_vllm_tests
 
-    report = run_vllm_tests(args.version, args.lmcache, args.out)
+    report = run_vllm_tests(args.version, args.lmcache, args.out, paths=args.tests)
     for name, run in (("baseline", report.baseline), ("patched", report.patched)):
         counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
         print(f"{name}: {counts} in {run.seconds:.1f} s")
@@ -223,6 +223,7 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
             branch=args.branch,
             lmcache=args.lmcache,
             assisted_by=tuple(args.assisted_by),
+            tests=args.tests,
         )
     except upstream.ChecksFailed as failed:
         print(failed.report)
@@ -250,6 +251,12 @@ def upstream_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkout", type=Path, metavar="DIR", help="your vLLM git checkout")
     parser.add_argument("--branch", default="lmcache-mp-connector-hardening")
     parser.add_argument("--lmcache", help="lmcache release for the tests (default: of its time)")
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        metavar="PATH",
+        help="vLLM test files to run besides the new one (default: tests/v1/kv_connector/unit)",
+    )
     parser.add_argument(
         "--assisted-by",
         nargs="*",
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
     p.add_argument("--out", type=Path, help="report directory (default: ./vllm-tests-VERSION)")
+    p.add_argument("--tests", nargs="+", metavar="PATH", help="default: tests/v1/kv_connector/unit")
     p.set_defaults(func=_cmd_test)
     return parser
 

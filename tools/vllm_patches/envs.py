@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from packaging.version import Version
+
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.sources import cache_root, fetch_sdist
 
@@ -22,15 +24,19 @@ BUILD_DEPS = (
     "jinja2",
 )
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
-# An lmcache release of each vLLM release's time that imports with it.
-DEFAULT_LMCACHE = {"0.12": "0.3.9.post2", "0.13": "0.3.9.post2"}
-DEFAULT_LMCACHE_LATER = "0.5.3"
+# An lmcache release of each vLLM release's time that imports with it: the first release
+# (by minor) from which each one applies.
+DEFAULT_LMCACHE = (("0.12", "0.3.9.post2"), ("0.14", "0.5.3"), ("0.22", "0.5.6"))
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
 
 def default_lmcache(version: str) -> str:
     """An lmcache release that imports with vLLM ``version``."""
-    return DEFAULT_LMCACHE.get(".".join(version.split(".")[:2]), DEFAULT_LMCACHE_LATER)
+    chosen = DEFAULT_LMCACHE[0][1]
+    for first, lmcache in DEFAULT_LMCACHE:
+        if Version(version) >= Version(first):
+            chosen = lmcache
+    return chosen
 
 
 def pip(python: Path, *args: str, env: dict[str, str] | None = None) -> None:

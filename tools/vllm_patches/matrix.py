@@ -31,19 +31,21 @@ def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str,
     return cells[index - 1 :: count]
 
 
+def _state(candidate: dict) -> str:
+    state = "builds" if candidate["builds"] else ("imports" if candidate["imports"] else "fails")
+    return state + (f": {candidate['error'][:160]}" if candidate["error"] else "")
+
+
 def _summary(diagnosis: Diagnosis) -> Cell:
     data = diagnosis.data
+    candidates = {c["module"].rsplit(".", 1)[-1]: _state(c) for c in data.get("candidates", [])}
+    if "builtin" in data:
+        candidates["builtin"] = _state(data["builtin"])
     return {
         "ok": diagnosis.ok,
         "chosen": data.get("chosen", ""),
         "error": data.get("import_error") or data.get("chosen_error", ""),
-        "candidates": {
-            c["module"].rsplit(".", 1)[-1]: (
-                "builds" if c["builds"] else ("imports" if c["imports"] else "absent-or-fails")
-            )
-            + (f": {c['error'][:160]}" if c["error"] else "")
-            for c in [*data.get("candidates", []), *[data[k] for k in ("builtin",) if k in data]]
-        },
+        "candidates": candidates,
         "module_path_route": data.get("module_path_route", {}),
     }
 
@@ -104,9 +106,9 @@ def _cell_text(cell: Cell, label: str) -> str:
     info = cell[label]
     chosen = str(info["chosen"]).rsplit(".", 2)
     name = chosen[-2] if len(chosen) >= 2 else info["chosen"]
-    name = {"lmcache_mp_connector": "builtin" if "vllm" in str(info["chosen"]) else "main"}.get(
-        name, name.replace("lmcache_mp_connector_", "_")
-    )
+    if name == "lmcache_mp_connector":
+        name = "builtin" if str(info["chosen"]).startswith("vllm.") else "lmcache main"
+    name = name.replace("lmcache_mp_connector_", "_")
     if "Unavailable" in str(info["chosen"]):
         name = "none builds"
     if not info["chosen"]:

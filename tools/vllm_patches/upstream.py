@@ -23,7 +23,7 @@ from vllm_patches.errors import PatchToolError
 from vllm_patches.precommit import HookResult, run_hooks
 from vllm_patches.series import REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout
-from vllm_patches.vllm_tests import Report, run_vllm_tests
+from vllm_patches.vllm_tests import UNIT_DIR, Report, run_vllm_tests
 
 FIRST_WITH_42596 = "0.22.0"
 PR_PATCHES = ("0002", "0003")
@@ -106,7 +106,7 @@ def _measured_example() -> str:
     return match.group(1) if match else ""
 
 
-def _sections(base: str, pr: PullRequest, commands: list[str]) -> dict[str, str]:
+def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str]) -> dict[str, str]:
     example = _measured_example()
     purpose = (
         "Follow-up to vllm-project/vllm#42596, which resolves `LMCacheMPConnector` to "
@@ -153,7 +153,7 @@ def _sections(base: str, pr: PullRequest, commands: list[str]) -> dict[str, str]
     )
     result = "\n".join(
         [
-            f"`pytest -m cpu_test tests/v1/kv_connector/unit` ({len(own)} of the tests are "
+            f"`pytest -m cpu_test {' '.join(tests)}` ({len(own)} of the tests are "
             f"new, in `{TEST_FILE}`):",
             "",
             "| run | tests | wall |",
@@ -234,6 +234,7 @@ def prepare(
     branch: str = "lmcache-mp-connector-hardening",
     lmcache: str | None = None,
     assisted_by: tuple[str, ...] = ("Claude",),
+    tests: list[str] | None = None,
 ) -> PullRequest:
     """Make the branch, run vLLM's hooks and tests, and write the series and ``PR.md``."""
     base = base or newest_release()
@@ -309,6 +310,7 @@ def _build(
     assisted_by: list[str],
     base: str,
     lmcache: str | None,
+    tests: list[str] | None,
     staging: Path,
 ) -> PullRequest:
     name, _, email = submitter.partition(" <")
@@ -335,7 +337,8 @@ def _build(
         )
         raise ChecksFailed(msg, output)
     change = {f: (tree / f).read_bytes() for f in files}
-    report = run_vllm_tests(base, lmcache, staging / "tests", change=change)
+    tests = tests or [UNIT_DIR]
+    report = run_vllm_tests(base, lmcache, staging / "tests", change=change, paths=tests)
     own = [o for t, o in report.patched.outcomes.items() if "lmcache_mp_connector_resolution" in t]
     if report.regressions or not own or any(o != "passed" for o in own):
         msg = (
@@ -349,10 +352,11 @@ def _build(
     commands = [
         f"tools/prepare-upstream-pr --base {base}   # this project: branch, hooks, tests",
         f"pre-commit run --files {' '.join(files)}",
-        "HF_HUB_OFFLINE=1 pytest -m cpu_test --import-mode=importlib tests/v1/kv_connector/unit",
+        "HF_HUB_OFFLINE=1 pytest -m cpu_test --import-mode=importlib "
+        + " ".join(dict.fromkeys([*tests, TEST_FILE])),
     ]
     template = (tree / ".github" / "PULL_REQUEST_TEMPLATE.md").read_text()
-    body = fill_template(template, _sections(base, pr, commands))
+    body = fill_template(template, _sections(base, pr, commands, tests))
     (staging / "PR.md").write_text(f"<!-- title: {title} -->\n{body}")
     (staging / "TITLE").write_text(title + "\n")
     return pr

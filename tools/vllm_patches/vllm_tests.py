@@ -112,7 +112,8 @@ def _hf_home(root: Path) -> Path:
 
 
 def _sources(version: str, root: Path) -> Path:
-    """vLLM's tests/ and pyproject.toml (it declares the cpu_test marker) from the sdist."""
+    """vLLM's tests/, examples/ (some tests load them) and pyproject.toml (it declares the
+    cpu_test marker) from the sdist."""
     src = root / "src"
     if src.is_dir():
         shutil.rmtree(src)
@@ -120,7 +121,7 @@ def _sources(version: str, root: Path) -> Path:
         members = [
             m
             for m in tar.getmembers()
-            if m.name.split("/", 1)[-1].startswith(("tests/", "pyproject.toml"))
+            if m.name.split("/", 1)[-1].startswith(("tests/", "examples/", "pyproject.toml"))
         ]
         tar.extractall(root / "unpack", members=members, filter="data")
     (root / "unpack" / f"vllm-{version}").rename(src)
@@ -144,7 +145,9 @@ def _parse_junit(path: Path) -> Run:
     return run
 
 
-def _pytest(python: Path, src: Path, work: Path, *, ignore: list[str], name: str) -> Run:
+def _pytest(
+    python: Path, src: Path, work: Path, paths: list[str], *, ignore: list[str], name: str
+) -> Run:
     junit = work / f"{name}.xml"
     junit.unlink(missing_ok=True)
     scratch = work / "tmp"
@@ -152,7 +155,7 @@ def _pytest(python: Path, src: Path, work: Path, *, ignore: list[str], name: str
     args = [
         python, "-m", "pytest", "-m", "cpu_test", "--import-mode=importlib",
         "-p", "no:cacheprovider", f"--rootdir={src}", f"--junitxml={junit}", "-q",
-        str(src / UNIT_DIR),
+        *(str(src / p) for p in paths),
     ]  # fmt: skip
     args += [f"--ignore={src / path}" for path in ignore]
     env = {
@@ -198,11 +201,14 @@ def run_vllm_tests(
     out: Path | None = None,
     *,
     change: dict[str, bytes | None] | None = None,
+    paths: list[str] | None = None,
 ) -> Report:
     """Run vLLM's connector unit tests baseline vs patched on one install and write the report.
 
     :param change: the files to test (path in vLLM's tree -> bytes); by default the
         release's series.
+    :param paths: the test files or directories to run (default: vLLM's connector unit
+        tests); the change's new test files always run.
     :returns: the report; ``regressions`` lists tests that passed unpatched and not patched.
     """
     manifest = load_manifest()
@@ -221,12 +227,14 @@ def run_vllm_tests(
     tests = {p: d for p, d in change.items() if not p.startswith("vllm/")}
     # New test files (the series' 0003, 0005, 0007, 0010) run only patched.
     new_tests = [p for p in tests if not (src / p).is_file()]
-    baseline = _pytest(python, src, work, ignore=new_tests, name="baseline")
+    paths = paths or [UNIT_DIR]
+    extra = [p for p in new_tests if not any(p.startswith(d.rstrip("/") + "/") for d in paths)]
+    baseline = _pytest(python, src, work, paths, ignore=new_tests, name="baseline")
     for path, data in tests.items():
         _put(src / path, data)
     installed = {p: d for p, d in change.items() if p.startswith("vllm/")}
     with _installed(site.root, installed):
-        patched = _pytest(python, src, work, ignore=[], name="patched")
+        patched = _pytest(python, src, work, paths + extra, ignore=[], name="patched")
     regressions = sorted(
         t
         for t, outcome in baseline.outcomes.items()
