@@ -142,7 +142,7 @@ def connector_bytes(root: Path) -> bytes:
     return (root / CONNECTOR).read_bytes()
 
 
-PROJECT_DIRS = ("tools", "patches", "vllm_overlay")
+PROJECT_DIRS = ("tools", "patches", "vllm_overlay", "matrix")
 
 
 def project_copy(tmp_path: Path, first_dropped: str) -> Path:

@@ -83,6 +83,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     assert "- [x] AI assistance was used during the creation of this PR." in pr
     assert "New tests: 22 passed of 22; regressions: 0." in pr
     assert "KVCacheSpecKind" in pr  # the measured lmcache 0.5.6 on vLLM 0.21.0 example
+    (tmp_path / "PR.md").write_text(pr)
 
 
 def test_an_unformatted_change_fails_the_checks_and_leaves_nothing(tmp_path, identity):

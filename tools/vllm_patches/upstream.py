@@ -117,9 +117,10 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
     )
     if example:
         purpose += (
-            " Measured example: with lmcache 0.5.6 installed next to vLLM 0.21.0, lmcache's "
-            f"`lmcache_mp_connector` does not import (`{example}`); the resolution must "
-            "say why it falls back instead of hiding it."
+            " Measured example (vLLM built from its sdist, CPU): with lmcache 0.5.6 installed "
+            "next to vLLM 0.21.0, lmcache's `lmcache_mp_connector` does not import "
+            f"(`{example}`); an lmcache that does not match the running vLLM is common, and "
+            "the resolution must say why it falls back instead of hiding it."
         )
     claims = "\n".join(
         [
@@ -140,7 +141,22 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
     own = [
         o for t, o in pr.tests.patched.outcomes.items() if "lmcache_mp_connector_resolution" in t
     ]
-    checks = "\n".join(f"| `{h.id}` | {h.outcome} | {h.detail} |" for h in pr.hooks)
+    ran = [h for h in pr.hooks if h.outcome != "skipped"]
+    skipped: dict[str, list[str]] = {}
+    for hook in pr.hooks:
+        if hook.outcome == "skipped":
+            skipped.setdefault(hook.detail, []).append(f"`{hook.id}`")
+    checks = "\n".join(
+        [
+            "| hook | result |",
+            "|---|---|",
+            *(f"| `{h.id}` | {h.outcome} |" for h in ran),
+            "",
+            "Not run: "
+            + "; ".join(f"{', '.join(dict.fromkeys(ids))} ({why})" for why, ids in skipped.items())
+            + ".",
+        ]
+    )
     plan = "\n".join(
         [
             f"On vLLM {base} built from its sdist for CPU (`VLLM_TARGET_DEVICE=empty`), with "
@@ -165,11 +181,9 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
             f"New tests: {own.count('passed')} passed of {len(own)}; regressions: "
             f"{len(pr.tests.regressions)}.",
             "",
-            "vLLM's pre-commit hooks on the changed files (hook list and versions from "
-            "`.pre-commit-config.yaml`):",
+            "vLLM's pre-commit hooks on the changed files (hook list, arguments and versions "
+            "from `.pre-commit-config.yaml`; remote hooks from PyPI at the pinned version):",
             "",
-            "| hook | result | note |",
-            "|---|---|---|",
             checks,
         ]
     )
@@ -181,12 +195,19 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
             "starting with the builtin class whenever lmcache's cannot be used, and the log "
             "line says which one runs and why.",
             "",
+            "Limitation: the fallback is only as good as the builtin class. On vLLM 0.33.0 "
+            "with lmcache 0.5.6 the builtin itself cannot be built "
+            "(`LMCacheMPSchedulerAdapter() missing a required argument: 'server_urls'`, "
+            "measured by binding its calls to lmcache's signatures). Checking that a candidate "
+            "can be built before choosing it is a separate change, not part of this PR.",
+            "",
             "AI assistance was used to prepare this change (see the `Co-authored-by:` "
             "trailers). The submitter must review every changed line, rerun the test plan, "
             "and check that no open PR already covers this (`gh pr list --repo "
             "vllm-project/vllm --search \"LMCacheMPConnector in:title\"`) before opening it.",
             *(
-                ["", "<details><summary>vLLM x lmcache pairing table (measured)</summary>", "",
+                ["", "<details><summary>vLLM x lmcache pairing table (measured; 'patched' is "
+                 "the full downstream series, of which this PR is the first part)</summary>", "",
                  matrix.read_text(), "</details>"]
                 if matrix.is_file()
                 else []
@@ -269,8 +290,9 @@ def prepare(
         run_git(["switch", "-q", "-c", branch, tag], tree)
         try:
             pr = _build(
-                tree, tag, branch, patches, submitter, list(assisted_by), base, lmcache, staging
-            )
+                tree, tag, branch, patches, submitter, list(assisted_by), base, lmcache, tests,
+                staging,
+            )  # fmt: skip
         except BaseException:
             run_git(["switch", "-q", "-f", origin], tree, check=False)
             run_git(["branch", "-D", "-q", branch], tree, check=False)
