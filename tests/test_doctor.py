@@ -72,5 +72,7 @@ def test_shards_deal_every_cell_once():
     cells = [(v, lm) for v in "abc" for lm in "xyz"]
     dealt = [c for i in (1, 2, 3, 4) for c in shard_of(cells, f"{i}/4")]
     assert sorted(dealt) == sorted(cells)
+    # Contiguous blocks: a vLLM release's cells stay on one shard (one venv build).
+    assert shard_of(cells, "1/3") == [("a", "x"), ("a", "y"), ("a", "z")]
     with pytest.raises(PatchToolError, match="give i/n with 1 <= i <= n"):
         shard_of(cells, "5/4")

@@ -66,14 +66,19 @@ def _conflicting_checkout(git_tree, version: str) -> Path:
     return tree
 
 
-def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
+@pytest.fixture
+def conflict(tmp_path, git_tree):
+    """A rebase onto a conflicting 0.23.0, stopped: (project, series state before, work, proc)."""
     project = project_copy(tmp_path, "0.23.0")
     before = _series_state(project)
     checkout = _conflicting_checkout(git_tree, "0.23.0")
     work = tmp_path / "work"
-
     args = ("--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
-    proc = run_tool(project, "rebase-patches", *args)
+    return project, before, work, run_tool(project, "rebase-patches", *args)
+
+
+def test_conflict_stops_and_leaves_the_series_untouched(conflict):
+    project, before, work, proc = conflict
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: patch 0002 conflicts with vLLM 0.23.0 in {CONNECTOR}; "
@@ -109,14 +114,9 @@ def test_conflict_stops_and_leaves_the_series_untouched(tmp_path, git_tree):
     )
 
 
-def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(tmp_path, git_tree):
+def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(conflict):
     """--continue replays the rest; a base that is not the released file is refused at the end."""
-    project = project_copy(tmp_path, "0.23.0")
-    before = _series_state(project)
-    checkout = _conflicting_checkout(git_tree, "0.23.0")
-    work = tmp_path / "work"
-    args = ("--onto", "0.23.0", "--checkout", checkout, "--workdir", work)
-    proc = run_tool(project, "rebase-patches", *args)
+    project, before, work, proc = conflict
     assert proc.returncode == 1
     subprocess.run(["git", "checkout", "--theirs", CONNECTOR], cwd=work, check=True)
     subprocess.run(["git", "add", CONNECTOR], cwd=work, check=True)

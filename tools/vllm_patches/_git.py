@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vllm_patches._proc import run_subprocess
+from vllm_patches.errors import PatchToolError
 
 # A fixed identity and dates so that trees made by the tools are reproducible.
 GIT_IDENTITY = {
@@ -46,3 +47,14 @@ def is_git_worktree(path: Path) -> bool:
 def outside_repo_env(path: Path) -> dict[str, str]:
     """Environment that keeps git from finding a repository above ``path`` (plain trees)."""
     return {"GIT_CEILING_DIRECTORIES": str(path.resolve().parent)}
+
+
+def require_tagged_checkout(tree: Path, tag: str) -> Path:
+    """``tree`` if it is the top of a git work tree with ``tag``, else a clear error."""
+    if not is_git_worktree(tree):
+        msg = f"--checkout {tree} is not the top of a git work tree"
+        raise PatchToolError(msg)
+    if not git_ok(["rev-parse", "--verify", "-q", f"refs/tags/{tag}"], tree):
+        msg = f"--checkout {tree} has no tag {tag}; tag the release commit first"
+        raise PatchToolError(msg)
+    return tree

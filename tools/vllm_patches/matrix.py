@@ -18,7 +18,10 @@ Cell = dict[str, object]
 
 
 def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str, str]]:
-    """The cells of shard ``i/n`` (1-based), dealt round-robin; all cells without one."""
+    """The cells of shard ``i/n`` (1-based), in contiguous blocks; all cells without one.
+
+    Blocks keep each vLLM release's cells together, so a shard builds few vLLM venvs.
+    """
     if not shard:
         return cells
     try:
@@ -28,7 +31,8 @@ def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str,
     if not 1 <= index <= count:
         msg = f"--shard {shard!r}: give i/n with 1 <= i <= n, like 2/4"
         raise PatchToolError(msg)
-    return cells[index - 1 :: count]
+    size = -(-len(cells) // count)
+    return cells[(index - 1) * size : index * size]
 
 
 def _state(candidate: dict) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from vllm_patches._git import GIT_IDENTITY, git_ok, is_git_worktree, run_git
+from vllm_patches._git import GIT_IDENTITY, git_ok, require_tagged_checkout, run_git
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import dump_manifest, regenerate
@@ -125,14 +125,7 @@ def _source_release(manifest: Manifest, onto: str, source: str | None) -> Releas
 def _pinned_checkout(onto: str, user_checkout: Path | None) -> Path:
     if user_checkout is None:
         return checkout(onto)
-    tag = f"v{onto}"
-    if not is_git_worktree(user_checkout):
-        msg = f"--checkout {user_checkout} is not the top of a git work tree"
-        raise PatchToolError(msg)
-    if not git_ok(["rev-parse", "--verify", "-q", f"refs/tags/{tag}"], user_checkout):
-        msg = f"--checkout {user_checkout} has no tag {tag}; tag the release commit first"
-        raise PatchToolError(msg)
-    return user_checkout
+    return require_tagged_checkout(user_checkout, f"v{onto}")
 
 
 def start(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from vllm_patches._git import git_ok, is_git_worktree, run_git
+from vllm_patches._git import git_ok, require_tagged_checkout, run_git
 from vllm_patches._proc import logger
 from vllm_patches.errors import PatchToolError
 from vllm_patches.precommit import HookResult, run_hooks
@@ -308,12 +308,7 @@ def prepare(
 
 
 def _user_tree(tree: Path, tag: str, branch: str) -> Path:
-    if not is_git_worktree(tree):
-        msg = f"--checkout {tree} is not the top of a git work tree"
-        raise PatchToolError(msg)
-    if not git_ok(["rev-parse", "--verify", "-q", f"refs/tags/{tag}"], tree):
-        msg = f"--checkout {tree} has no tag {tag}"
-        raise PatchToolError(msg)
+    require_tagged_checkout(tree, tag)
     if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], tree):
         msg = f"branch {branch} already exists in {tree}; delete it or pass --branch"
         raise PatchToolError(msg)
