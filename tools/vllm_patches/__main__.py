@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vllm_patches.errors import PatchToolError
+from vllm_patches.errors import PatchToolError, ReportedError
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
@@ -160,16 +160,12 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
     if args.abort:
         print(rebase.abort(args.workdir))
         return 0
-    try:
-        if args.resume:
-            result = rebase.resume(args.workdir)
-        else:
-            result = rebase.start(
-                args.onto, args.source, user_checkout=args.checkout, workdir=args.workdir
-            )
-    except rebase.RebaseStopped as stop:
-        print(stop.report)
-        raise
+    if args.resume:
+        result = rebase.resume(args.workdir)
+    else:
+        result = rebase.start(
+            args.onto, args.source, user_checkout=args.checkout, workdir=args.workdir
+        )
     print(f"carried the vLLM {result.source} series onto vLLM {result.onto}: "
           + " ".join(result.carried))  # fmt: skip
     if result.in_base:
@@ -215,19 +211,15 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
     from vllm_patches import upstream
 
     base = args.base or upstream.newest_release()
-    try:
-        pr = upstream.prepare(
-            base,
-            args.out or Path.cwd() / f"upstream-pr-v{base}",
-            user_checkout=args.checkout,
-            branch=args.branch,
-            lmcache=args.lmcache,
-            assisted_by=tuple(args.assisted_by),
-            tests=args.tests,
-        )
-    except upstream.ChecksFailed as failed:
-        print(failed.report)
-        raise
+    pr = upstream.prepare(
+        base,
+        args.out or Path.cwd() / f"upstream-pr-v{base}",
+        user_checkout=args.checkout,
+        branch=args.branch,
+        lmcache=args.lmcache,
+        assisted_by=tuple(args.assisted_by),
+        tests=args.tests,
+    )
     print(f"title: {pr.title}")
     print(f"branch {pr.branch} in {pr.checkout}: {len(upstream.PR_PATCHES)} signed-off commits")
     for hook in pr.hooks:
@@ -354,6 +346,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     )
     try:
         return args.func(args)
+    except ReportedError as exc:
+        print(exc.report)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except PatchToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

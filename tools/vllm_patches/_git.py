@@ -49,6 +49,18 @@ def outside_repo_env(path: Path) -> dict[str, str]:
     return {"GIT_CEILING_DIRECTORIES": str(path.resolve().parent)}
 
 
+def current_ref(root: Path) -> str:
+    """The branch checked out in ``root``, or the commit when HEAD is detached."""
+    name = run_git(["symbolic-ref", "--short", "-q", "HEAD"], root, check=False).strip()
+    return name or run_git(["rev-parse", "HEAD"], root).strip()
+
+
+def tracked_changes(root: Path) -> list[str]:
+    """Tracked files of ``root`` with changes not committed."""
+    out = run_git(["status", "--porcelain", "--untracked-files=no"], root)
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def require_tagged_checkout(tree: Path, tag: str) -> Path:
     """``tree`` if it is the top of a git work tree with ``tag``, else a clear error."""
     if not is_git_worktree(tree):

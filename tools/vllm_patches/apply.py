@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vllm_patches._git import GIT_IDENTITY, git_ok, run_git
+from vllm_patches._fs import write_atomic
+from vllm_patches._git import GIT_IDENTITY, current_ref, git_ok, run_git, tracked_changes
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import apply_to_bytes
 from vllm_patches.series import (
@@ -118,11 +119,6 @@ class Outcome:
 # --- git checkouts ----------------------------------------------------------------------------
 
 
-def _git_current(root: Path) -> str:
-    name = run_git(["symbolic-ref", "--short", "-q", "HEAD"], root, check=False).strip()
-    return name or run_git(["rev-parse", "HEAD"], root).strip()
-
-
 def _identity_env(root: Path) -> dict[str, str]:
     if git_ok(["config", "user.email"], root):
         return {}
@@ -130,8 +126,7 @@ def _identity_env(root: Path) -> dict[str, str]:
 
 
 def _refuse_dirty(root: Path, force: bool) -> None:
-    out = run_git(["status", "--porcelain", "--untracked-files=no"], root)
-    dirty = [line[3:] for line in out.splitlines() if line.strip()]
+    dirty = tracked_changes(root)
     if dirty and not force:
         msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
         raise PatchToolError(msg)
@@ -144,7 +139,7 @@ def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
     if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], root):
         msg = f"branch {branch} already exists in {root}; switch to it, or delete it to start again"
         raise PatchToolError(msg)
-    origin = _git_current(root)
+    origin = current_ref(root)
     run_git(["switch", "-q", "-c", branch], root)
     patches = [str(p) for p in release.patch_files]
     try:
@@ -165,7 +160,7 @@ def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
 def _revert_git(target: Target, release: Release, force: bool) -> Outcome:
     root = target.root
     branch = release.branch
-    if _git_current(root) != branch:
+    if current_ref(root) != branch:
         msg = f"{root} is not on the series branch {branch}; nothing to revert there"
         raise PatchToolError(msg)
     _refuse_dirty(root, force)
@@ -186,25 +181,6 @@ def _transform(group: Group, data: bytes | None, *, reverse: bool) -> bytes | No
     if reverse:
         patches.reverse()
     return apply_to_bytes(group.path, data, patches, reverse=reverse)[-1]
-
-
-def _write_atomic(path: Path, data: bytes | None) -> None:
-    if data is None:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        if path.exists():
-            shutil.copymode(path, tmp)
-        else:
-            os.chmod(tmp, 0o644)  # noqa: PTH101
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_writable(dirs: set[Path], what: str) -> None:
@@ -230,11 +206,11 @@ def _transaction(root: Path) -> Iterator[dict[Path, bytes | None]]:
     try:
         for path, data in writes.items():
             old = path.read_bytes() if path.is_file() else None
-            _write_atomic(path, data)
+            write_atomic(path, data)
             done.append((path, old))
     except OSError as exc:
         for path, old in reversed(done):
-            _write_atomic(path, old)
+            write_atomic(path, old)
         msg = f"writing under {root} failed ({exc}); every file was restored"
         raise PatchToolError(msg) from None
 

@@ -18,9 +18,16 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from vllm_patches._git import GIT_IDENTITY, git_ok, require_tagged_checkout, run_git
+from vllm_patches._fs import write_atomic
+from vllm_patches._git import (
+    GIT_IDENTITY,
+    git_ok,
+    require_tagged_checkout,
+    run_git,
+    tracked_changes,
+)
 from vllm_patches._proc import logger, run_subprocess
-from vllm_patches.errors import PatchToolError
+from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.overlay import dump_manifest, regenerate
 from vllm_patches.precommit import run_hooks
 from vllm_patches.series import (
@@ -84,14 +91,6 @@ class RebaseResult:
     range_diff: str
 
 
-class RebaseStopped(PatchToolError):
-    """A patch conflicts with the new base; the work tree holds the conflict."""
-
-    def __init__(self, message: str, report: str) -> None:
-        super().__init__(message)
-        self.report = report
-
-
 def default_workdir(onto: str) -> Path:
     """Where the rebase onto ``onto`` runs unless told otherwise."""
     return cache_root() / "rebase" / f"v{onto}"
@@ -99,10 +98,6 @@ def default_workdir(onto: str) -> Path:
 
 def _number(patch: str) -> str:
     return Path(patch).name[:4]
-
-
-def _am_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**GIT_IDENTITY, **(extra or {})}
 
 
 def _source_release(manifest: Manifest, onto: str, source: str | None) -> Release:
@@ -137,7 +132,8 @@ def start(
 ) -> RebaseResult:
     """Replay ``source``'s series onto vLLM ``onto`` and, if nothing conflicts, write it.
 
-    :raises RebaseStopped: on a conflict, with the work tree left for the user.
+    :raises ReportedError: on a conflict or a failing ruff hook, with the work tree left for
+        the user.
     """
     parse_version(onto)
     manifest = load_manifest()
@@ -176,9 +172,9 @@ def start(
         run_git(
             ["am", "-q", "-3", "--keep-non-patch", *(str(PATCHES_DIR / p) for p in patches)],
             work,
-            env=_am_env(),
+            env=GIT_IDENTITY,
         )
-        old_tip = run_git(["rev-parse", "HEAD"], work).strip()
+        old_tip = _head(work)
         run_git(["checkout", "-q", "-b", f"vllm-lmcache-mp/v{onto}", f"v{onto}"], work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -225,7 +221,7 @@ def resume(workdir: Path | None = None) -> RebaseResult:
     if not (work / ".git" / "rebase-apply").is_dir():
         if state.next == len(state.patches):
             # Stopped by the lint gate: the user amended the commits; check again.
-            if run_git(["status", "--porcelain", "--untracked-files=no"], work).strip():
+            if tracked_changes(work):
                 msg = f"{work} has uncommitted changes; amend them into their patch's commit first"
                 raise PatchToolError(msg)
             return _finish(work, state)
@@ -244,11 +240,11 @@ def resume(workdir: Path | None = None) -> RebaseResult:
         raise PatchToolError(msg)
     number = _number(state.patches[state.next])
     if _index_is_head(work):
-        run_git(["am", "--skip"], work, env=_am_env())
+        run_git(["am", "--skip"], work, env=GIT_IDENTITY)
         state.emptied.append(number)
         logger.warning("patch %s was resolved to no change; it is left out", number)
     else:
-        run_git(["am", "--continue"], work, env=_am_env())
+        run_git(["am", "--continue"], work, env=GIT_IDENTITY)
     state.next += 1
     state.save(work)
     return _replay(work, state)
@@ -269,7 +265,7 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
         proc = run_subprocess(
             ["git", "am", "-3", "--keep-non-patch", str(PATCHES_DIR / patch)],
             cwd=work,
-            env=_am_env(),
+            env=GIT_IDENTITY,
             check=False,
         )
         if proc.returncode == 0 and _head(work) == head:
@@ -277,7 +273,7 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
             state.in_base.append(_number(patch))
         elif proc.returncode != 0:
             if not _unmerged(work) and _index_is_head(work):
-                run_git(["am", "--skip"], work, env=_am_env())
+                run_git(["am", "--skip"], work, env=GIT_IDENTITY)
                 state.in_base.append(_number(patch))
             else:
                 state.save(work)
@@ -287,7 +283,7 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
     return _finish(work, state)
 
 
-def _conflict(work: Path, state: RebaseState, output: str) -> RebaseStopped:
+def _conflict(work: Path, state: RebaseState, output: str) -> ReportedError:
     patch = state.patches[state.next]
     files = _unmerged(work)
     if not files:
@@ -313,7 +309,7 @@ def _conflict(work: Path, state: RebaseState, output: str) -> RebaseStopped:
         f"patch {_number(patch)} conflicts with vLLM {state.onto} in {', '.join(files)}; "
         f"resolve it in {work} and run tools/rebase-patches --continue"
     )
-    return RebaseStopped(msg, report)
+    return ReportedError(msg, report)
 
 
 # --- writing the new series -------------------------------------------------------------------
@@ -382,7 +378,7 @@ def _lint(work: Path, state: RebaseState) -> None:
             f"the series carried onto vLLM {state.onto} fails that release's ruff hooks; "
             f"fix it in {work} and run tools/rebase-patches --continue"
         )
-        raise RebaseStopped(msg, report)
+        raise ReportedError(msg, report)
 
 
 def _finish(work: Path, state: RebaseState) -> RebaseResult:
@@ -503,20 +499,14 @@ def _write(
         for name in new:
             (staged / name).rename(PATCHES_DIR / name)
         for path, (_, text) in rewritten.items():
-            _replace_text(path, text)
-        _replace_text(MANIFEST, dump_manifest(updated))
+            write_atomic(path, text.encode())
+        write_atomic(MANIFEST, dump_manifest(updated).encode())
         regenerate(load_manifest())
     except BaseException:
         for name in new:
             shutil.rmtree(PATCHES_DIR / name, ignore_errors=True)
             shutil.rmtree(OVERLAY_DIR / name, ignore_errors=True)
         for path, (text, _) in rewritten.items():
-            _replace_text(path, text)
-        _replace_text(MANIFEST, old_manifest)
+            write_atomic(path, text.encode())
+        write_atomic(MANIFEST, old_manifest.encode())
         raise
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

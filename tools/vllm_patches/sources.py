@@ -18,6 +18,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 from tqdm import tqdm
 
+from vllm_patches._fs import write_atomic
 from vllm_patches._git import GIT_IDENTITY, run_git
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
@@ -245,11 +246,7 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
                 handle = tar.extractfile(member)
                 data = handle.read() if handle else None
                 break
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    target = entry if data is not None else absent
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data or b"")
-    tmp.replace(target)
+    write_atomic(entry if data is not None else absent, data or b"")
     return data
 
 

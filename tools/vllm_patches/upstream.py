@@ -17,9 +17,15 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from vllm_patches._git import git_ok, require_tagged_checkout, run_git
+from vllm_patches._git import (
+    current_ref,
+    git_ok,
+    require_tagged_checkout,
+    run_git,
+    tracked_changes,
+)
 from vllm_patches._proc import logger
-from vllm_patches.errors import PatchToolError
+from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.precommit import HookResult, run_hooks
 from vllm_patches.series import REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout
@@ -33,14 +39,6 @@ DOWNSTREAM_TRAILERS = re.compile(
     re.MULTILINE,
 )
 TEST_FILE = "tests/v1/kv_connector/unit/test_lmcache_mp_connector_resolution.py"
-
-
-class ChecksFailed(PatchToolError):
-    """vLLM's hooks fail on the change; ``report`` is pre-commit's output."""
-
-    def __init__(self, message: str, report: str) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -61,8 +59,8 @@ def newest_release() -> str:
     return max((v for v, r in manifest.releases.items() if r.groups), key=Version)
 
 
-def _submitter(tree: Path) -> str:
-    """``Name <email>`` of whoever signs off, from git's configuration."""
+def _submitter(tree: Path) -> tuple[str, str]:
+    """Name and email of whoever signs off, from git's configuration."""
     name = run_git(["config", "user.name"], tree, check=False).strip()
     email = run_git(["config", "user.email"], tree, check=False).strip()
     if not name or not email:
@@ -71,7 +69,7 @@ def _submitter(tree: Path) -> str:
             "run git config --global user.name 'Your Name' and user.email you@example.com"
         )
         raise PatchToolError(msg)
-    return f"{name} <{email}>"
+    return name, email
 
 
 def _message(patch: Path, submitter: str, assisted_by: list[str]) -> str:
@@ -285,8 +283,7 @@ def prepare(
         else:
             tree = _user_tree(user_checkout, tag, branch)
         submitter = _submitter(tree)
-        origin = run_git(["symbolic-ref", "--short", "-q", "HEAD"], tree, check=False).strip()
-        origin = origin or run_git(["rev-parse", "HEAD"], tree).strip()
+        origin = current_ref(tree)
         run_git(["switch", "-q", "-c", branch, tag], tree)
         try:
             pr = _build(
@@ -312,7 +309,7 @@ def _user_tree(tree: Path, tag: str, branch: str) -> Path:
     if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], tree):
         msg = f"branch {branch} already exists in {tree}; delete it or pass --branch"
         raise PatchToolError(msg)
-    if run_git(["status", "--porcelain", "--untracked-files=no"], tree).strip():
+    if tracked_changes(tree):
         msg = f"{tree} has uncommitted changes; commit or stash them first"
         raise PatchToolError(msg)
     return tree
@@ -323,22 +320,22 @@ def _build(
     tag: str,
     branch: str,
     patches: list[Path],
-    submitter: str,
+    submitter: tuple[str, str],
     assisted_by: list[str],
     base: str,
     lmcache: str | None,
     tests: list[str] | None,
     staging: Path,
 ) -> PullRequest:
-    name, _, email = submitter.partition(" <")
+    name, email = submitter
     ident = {
-        "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email.rstrip(">"),
-        "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email.rstrip(">"),
+        "GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email,
     }  # fmt: skip
     for patch in patches:
         run_git(["apply", "--index", str(patch)], tree)
         message = staging / "message.txt"
-        message.write_text(_message(patch, submitter, assisted_by))
+        message.write_text(_message(patch, f"{name} <{email}>", assisted_by))
         run_git(["commit", "-q", "--no-verify", "-F", str(message)], tree, env=ident)
         message.unlink()
     _check_dco(tree, tag)
@@ -352,7 +349,7 @@ def _build(
             f"vLLM's checks fail on the change ({', '.join(failed)}); "
             "fix the patches and run the command again; nothing was kept"
         )
-        raise ChecksFailed(msg, output)
+        raise ReportedError(msg, output)
     change = {f: (tree / f).read_bytes() for f in files}
     tests = tests or [UNIT_DIR]
     report = run_vllm_tests(base, lmcache, staging / "tests", change=change, paths=tests)

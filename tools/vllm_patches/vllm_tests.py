@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vllm_patches._fs import write_atomic
 from vllm_patches._proc import run_subprocess
 from vllm_patches.apply import apply, status
 from vllm_patches.envs import TEST_DEPS, default_lmcache, pip, vllm_env
@@ -181,18 +182,11 @@ def _installed(site: Path, files: dict[str, bytes | None]) -> Iterator[None]:
     originals = {p: (site / p).read_bytes() if (site / p).is_file() else None for p in files}
     try:
         for path, data in files.items():
-            _put(site / path, data)
+            write_atomic(site / path, data)
         yield
     finally:
         for path, data in originals.items():
-            _put(site / path, data)
-
-
-def _put(path: Path, data: bytes | None) -> None:
-    if data is None:
-        path.unlink(missing_ok=True)
-    else:
-        path.write_bytes(data)
+            write_atomic(site / path, data)
 
 
 def run_vllm_tests(
@@ -231,7 +225,7 @@ def run_vllm_tests(
     extra = [p for p in new_tests if not any(p.startswith(d.rstrip("/") + "/") for d in paths)]
     baseline = _pytest(python, src, work, paths, ignore=new_tests, name="baseline")
     for path, data in tests.items():
-        _put(src / path, data)
+        write_atomic(src / path, data)
     installed = {p: d for p, d in change.items() if p.startswith("vllm/")}
     with _installed(site.root, installed):
         patched = _pytest(python, src, work, paths + extra, ignore=[], name="patched")
