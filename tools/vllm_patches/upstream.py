@@ -353,11 +353,16 @@ def _build(
     change = {f: (tree / f).read_bytes() for f in files}
     tests = tests or [UNIT_DIR]
     report = run_vllm_tests(base, lmcache, staging / "tests", change=change, paths=tests)
-    own = [o for t, o in report.patched.outcomes.items() if "lmcache_mp_connector_resolution" in t]
-    if report.regressions or not own or any(o != "passed" for o in own):
+    outcomes = report.patched.outcomes
+    own = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
+    failing = report.regressions + [t for t, o in own.items() if o != "passed"]
+    if failing or not own:
+        # The report lives in the staging directory, which is removed: name a test instead.
+        first = f"; first: {failing[0]}" if failing else ""
         msg = (
             f"vLLM's tests do not pass with the change ({len(report.regressions)} regressions, "
-            f"{own.count('passed')}/{len(own)} new tests passed); see {staging / 'tests'}"
+            f"{list(own.values()).count('passed')}/{len(own)} new tests passed{first}); "
+            "nothing was kept"
         )
         raise PatchToolError(msg)
     run_git(["format-patch", "-q", "-o", str(staging / "patches"), f"{tag}..{branch}"], tree)
