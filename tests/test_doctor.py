@@ -6,9 +6,10 @@ import json
 
 import pytest
 from vllm_patches.apply import apply
+from vllm_patches.doctor import PAIRING_TABLE, diagnose, diagnose_layers
 from vllm_patches.envs import lmcache_layer, vllm_env
 from vllm_patches.errors import PatchToolError
-from vllm_patches.matrix import merge, run_matrix, shard_of
+from vllm_patches.matrix import merge, run_matrix, shard_of, starts_with
 from vllm_patches.targets import installed_vllm
 
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
@@ -51,7 +52,9 @@ def test_doctor_patched(python, cli, monkeypatch, capsys):
         code, out, _ = cli("doctor", "--python", python)
         assert code == 2 and "verdict: will fail when the engine starts: " in out
         # The advice comes from the pairing table shipped in matrix/matrix.json.
-        assert "fix: with the series applied, install lmcache 0.4.7 (_0180) or " in out
+        working = starts_with(json.loads(PAIRING_TABLE.read_text()), "0.21.0", "patched")
+        assert f"fix: with the series applied, install lmcache {working}\n" in out
+        assert working.startswith("0.4.")
     finally:
         apply(site, revert=True)
 
@@ -76,3 +79,17 @@ def test_shards_deal_every_cell_once():
     assert shard_of(cells, "1/3") == [("a", "x"), ("a", "y"), ("a", "z")]
     with pytest.raises(PatchToolError, match="give i/n with 1 <= i <= n"):
         shard_of(cells, "5/4")
+
+
+@pytest.mark.slow
+def test_forked_diagnoses_equal_fresh_processes(python, tmp_path):
+    layers = [lmcache_layer(python, lm) for lm in ("0.5.0", "0.5.6")]
+    # A layer whose lmcache kills its process: that cell fails, the next is still measured.
+    dying = tmp_path / "dying"
+    (dying / "lmcache").mkdir(parents=True)
+    (dying / "lmcache" / "__init__.py").write_text("import os\nos._exit(3)\n")
+    found = diagnose_layers(python, [layers[0], dying, layers[1]])
+    assert [d.data for d in (found[0], found[2])] == [diagnose(python, [p]).data for p in layers]
+    assert found[0].data["lmcache"] == "0.5.0" and found[2].data["lmcache"] == "0.5.6"
+    assert not found[1].ok
+    assert found[1].data["import_error"] == "the probe failed: exit code 3"

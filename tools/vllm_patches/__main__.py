@@ -105,13 +105,27 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_matrix(args: argparse.Namespace) -> int:
     import json
 
+    from packaging.version import Version
+
     from vllm_patches import matrix
+    from vllm_patches.series import load_manifest
+    from vllm_patches.sources import final_releases
 
     if args.merge:
         result = matrix.merge([json.loads(Path(p).read_text()) for p in args.merge])
     else:
+        vllm = args.vllm
+        if vllm == ["all"]:
+            vllm = sorted(load_manifest().releases, key=Version)
+        lmcache = args.lmcache
+        if lmcache == ["all"]:
+            lmcache = final_releases("lmcache", matrix.FIRST_LMCACHE)
         result = matrix.run_matrix(
-            args.vllm, args.lmcache, args.shard, lambda m: print(m, file=sys.stderr)
+            vllm,
+            lmcache,
+            args.shard,
+            lambda m: print(m, file=sys.stderr),
+            discard_venvs=args.discard_venvs,
         )
     matrix.write(result, args.out)
     print(matrix.markdown(result), end="")
@@ -292,9 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("matrix", help="vLLM x lmcache pairing table, unpatched and patched")
-    p.add_argument("--vllm", nargs="+", default=["0.12.0", "0.18.1", "0.21.0"])
-    p.add_argument("--lmcache", nargs="+", default=["0.4.7", "0.5.0", "0.5.3", "0.5.6"])
+    p.add_argument(
+        "--vllm",
+        nargs="+",
+        default=["0.12.0", "0.18.1", "0.21.0"],
+        help="vLLM releases, or 'all' (every release with a series)",
+    )
+    p.add_argument(
+        "--lmcache",
+        nargs="+",
+        default=["0.4.7", "0.5.0", "0.5.3", "0.5.6"],
+        help="lmcache releases, or 'all' (every final release on the index from 0.3.9.post2)",
+    )
     p.add_argument("--shard", help="only shard i/n of the cells (for a fleet of runners)")
+    p.add_argument(
+        "--discard-venvs",
+        action="store_true",
+        help="remove each vLLM venv the run built once measured (~3.5 GB each otherwise)",
+    )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
     p.set_defaults(func=_cmd_matrix)

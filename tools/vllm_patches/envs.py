@@ -52,6 +52,12 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
+def venv_dir(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
+    """Where :func:`vllm_env` caches that venv; it is complete once it holds ``.complete``."""
+    name = f"vllm-{version}-lmcache-{lmcache or 'none'}{'-tests' if test_deps else ''}"
+    return cache_root() / "venvs" / name
+
+
 def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
     """A cached venv with vLLM ``version`` (CPU platform, ``empty`` target) and lmcache.
 
@@ -60,8 +66,7 @@ def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
     :param test_deps: also install what vLLM's connector unit tests need.
     :returns: the venv's python.
     """
-    name = f"vllm-{version}-lmcache-{lmcache or 'none'}{'-tests' if test_deps else ''}"
-    venv = cache_root() / "venvs" / name
+    venv = venv_dir(version, lmcache, test_deps=test_deps)
     python = venv_python(venv)
     marker = venv / ".complete"
     if marker.is_file():

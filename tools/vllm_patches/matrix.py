@@ -4,17 +4,23 @@ unpatched and patched. One venv per vLLM release; each lmcache release is laid o
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from packaging.version import Version
+
 from vllm_patches.apply import apply, status
-from vllm_patches.doctor import Diagnosis, diagnose
-from vllm_patches.envs import default_lmcache, lmcache_layer, vllm_env
+from vllm_patches.doctor import Diagnosis, diagnose_layers
+from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.targets import installed_vllm
 
 Cell = dict[str, object]
+_LABELS = ("unpatched", "patched")
+FIRST_LMCACHE = "0.3.9.post2"
+"""The oldest lmcache release the table covers (the one vLLM 0.12.0 imports with)."""
 
 
 def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str, str]]:
@@ -59,12 +65,22 @@ def run_matrix(
     lmcache_versions: list[str],
     shard: str | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    *,
+    discard_venvs: bool = False,
 ) -> dict:
-    """Measure every (vLLM, lmcache) cell of the shard; a failing install is a cell, not a crash."""
+    """Measure every (vLLM, lmcache) cell of the shard; a failing install is a cell, not a crash.
+
+    :param discard_venvs: remove each vLLM venv this run built once its cells are measured
+        (the cache otherwise keeps ~3.5 GB per vLLM release).
+    :returns: ``cells`` by ``"vllm|lmcache"``; per vLLM release the ``setup_seconds`` (venv
+        and lmcache layers) and the ``seconds`` its cells took.
+    """
     cells = shard_of([(v, lm) for v in vllm_versions for lm in lmcache_versions], shard)
-    result: dict = {"cells": {}, "seconds": {}}
+    result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
     for version in dict.fromkeys(v for v, _ in cells):
         mine = [lm for v, lm in cells if v == version]
+        venv = venv_dir(version, default_lmcache(version))
+        built_here = not (venv / ".complete").is_file()
         start = time.monotonic()
         try:
             python = vllm_env(version, default_lmcache(version))
@@ -73,51 +89,105 @@ def run_matrix(
             for lm in mine:
                 result["cells"][f"{version}|{lm}"] = {"install_error": str(exc)[:300]}
             continue
+        result["setup_seconds"][version] = round(time.monotonic() - start, 1)
+        start = time.monotonic()
         site = installed_vllm(str(python))
         if status(site).overall == "patched":
             apply(site, revert=True)
         rows: dict[str, Cell] = {lm: {} for lm in mine}
-        for label in ("unpatched", "patched"):
+        for label in _LABELS:
             if label == "patched":
                 apply(site)
+            progress(f"vLLM {version} x lmcache {', '.join(mine)} ({label})")
             try:
-                for lm in mine:
-                    progress(f"vLLM {version} x lmcache {lm} ({label})")
-                    rows[lm][label] = _summary(diagnose(python, [layers[lm]]))
+                found = diagnose_layers(python, [layers[lm] for lm in mine])
+                for lm, diagnosis in zip(mine, found, strict=True):
+                    rows[lm][label] = _summary(diagnosis)
             finally:
                 if label == "patched":
                     apply(site, revert=True)
         for lm in mine:
             result["cells"][f"{version}|{lm}"] = rows[lm]
         result["seconds"][version] = round(time.monotonic() - start, 1)
+        if discard_venvs and built_here:
+            shutil.rmtree(venv)
     return result
 
 
 def merge(parts: list[dict]) -> dict:
     """One result from the shards' results (equal to the unsharded run's cells)."""
-    merged: dict = {"cells": {}, "seconds": {}}
+    merged: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
     for part in parts:
         merged["cells"].update(part["cells"])
-        for version, seconds in part["seconds"].items():
-            merged["seconds"][version] = merged["seconds"].get(version, 0) + seconds
-    merged["cells"] = dict(sorted(merged["cells"].items()))
+        for key in ("seconds", "setup_seconds"):
+            for version, seconds in part.get(key, {}).items():
+                merged[key][version] = round(merged[key].get(version, 0) + seconds, 1)
+    merged["cells"] = dict(sorted(merged["cells"].items(), key=lambda kv: _key(kv[0])))
     return merged
+
+
+def _key(cell: str) -> tuple[Version, Version]:
+    version, lmcache = cell.split("|")
+    return Version(version), Version(lmcache)
+
+
+def _axes(result: dict) -> tuple[list[str], list[str]]:
+    """The table's vLLM releases and lmcache releases, oldest first."""
+    keys = [k.split("|") for k in result["cells"]]
+    return (
+        sorted({v for v, _ in keys}, key=Version),
+        sorted({lm for _, lm in keys}, key=Version),
+    )
+
+
+def _connector(info: Cell) -> str:
+    """The short name of the class a cell resolved to."""
+    chosen = str(info["chosen"])
+    if not chosen:
+        return "vLLM's module does not import"
+    if "Unavailable" in chosen:
+        return "none builds"
+    module = chosen.rsplit(".", 2)[-2]
+    if module == "lmcache_mp_connector":
+        return "builtin" if chosen.startswith("vllm.") else "lmcache main"
+    return module.replace("lmcache_mp_connector_", "_")
 
 
 def _cell_text(cell: Cell, label: str) -> str:
     if "install_error" in cell:
         return f"install failed: {cell['install_error'][:80]}"
     info = cell[label]
-    chosen = str(info["chosen"]).rsplit(".", 2)
-    name = chosen[-2] if len(chosen) >= 2 else info["chosen"]
-    if name == "lmcache_mp_connector":
-        name = "builtin" if str(info["chosen"]).startswith("vllm.") else "lmcache main"
-    name = name.replace("lmcache_mp_connector_", "_")
-    if "Unavailable" in str(info["chosen"]):
-        name = "none builds"
-    if not info["chosen"]:
-        name = "vLLM's module does not import"
-    return f"{'starts' if info['ok'] else 'FAILS'}: {name}"
+    return f"{'starts' if info['ok'] else 'FAILS'}: {_connector(info)}"
+
+
+def starts_with(result: dict, version: str, label: str) -> str:
+    """The lmcache releases with which vLLM ``version`` starts (``label``: unpatched or
+    patched), as runs of consecutive releases by connector: ``0.4.4-0.5.0 (_0180), ...``."""
+    lmcaches = _axes(result)[1]
+    runs: list[tuple[str, str, str]] = []  # (connector, first, last)
+    previous = ""
+    for lm in lmcaches:
+        cell = result["cells"].get(f"{version}|{lm}", {})
+        name = _connector(cell[label]) if cell.get(label, {}).get("ok") else ""
+        if name and runs and name == runs[-1][0] and previous == runs[-1][2]:
+            runs[-1] = (name, runs[-1][1], lm)
+        elif name:
+            runs.append((name, lm, lm))
+        previous = lm
+    text = [f"{a}\N{EN DASH}{b}" if a != b else a for _, a, b in runs]
+    return ", ".join(f"{t} ({name})" for t, (name, _, _) in zip(text, runs, strict=True)) or "none"
+
+
+def summary(result: dict) -> str:
+    """Per vLLM release, the lmcache releases that start and through which connector."""
+    lines = [
+        "| vLLM | starts unpatched with lmcache | starts patched with lmcache |",
+        "|---|---|---|",
+    ]
+    for version in _axes(result)[0]:
+        unpatched, patched = (starts_with(result, version, label) for label in _LABELS)
+        lines.append(f"| {version} | {unpatched} | {patched} |")
+    return "\n".join(lines) + "\n"
 
 
 def _route_text(cell: Cell, label: str) -> str:
@@ -131,9 +201,7 @@ def _route_text(cell: Cell, label: str) -> str:
 
 def markdown(result: dict) -> str:
     """The table: rows vLLM, columns lmcache; each cell unpatched / patched."""
-    keys = [k.split("|") for k in result["cells"]]
-    versions = list(dict.fromkeys(v for v, _ in keys))
-    lmcaches = list(dict.fromkeys(lm for _, lm in keys))
+    versions, lmcaches = _axes(result)
     lines = [
         "| vLLM / lmcache | " + " | ".join(lmcaches) + " |",
         "|---|" + "---|" * len(lmcaches),
@@ -161,4 +229,10 @@ def write(result: dict, out: Path) -> None:
     """``matrix.json`` and ``matrix.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (out / "matrix.md").write_text(markdown(result))
+    cells, seconds = len(result["cells"]), sum(result["seconds"].values())
+    setup = sum(result.get("setup_seconds", {}).values())
+    timing = (
+        f"{cells} cells measured in {seconds:,.0f} s ({seconds / max(cells, 1):.1f} s a cell, "
+        f"unpatched and patched), plus {setup:,.0f} s of venv and lmcache set-up.\n\n"
+    )
+    (out / "matrix.md").write_text(timing + summary(result) + "\n" + markdown(result))

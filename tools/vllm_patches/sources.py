@@ -15,6 +15,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 from packaging.version import InvalidVersion, Version
 from tqdm import tqdm
 
@@ -98,6 +104,27 @@ def list_sdists(project: str = "vllm") -> dict[str, Sdist]:
         url = urllib.parse.urljoin(page, entry["url"])
         found[version] = Sdist(version, name, url, sha, entry.get("size"))
     return found
+
+
+def final_releases(project: str, first: str) -> list[str]:
+    """``project``'s final releases (post releases included) from ``first`` on, oldest first.
+
+    Read from the file names on the configured index; a release whose files are all
+    yanked is left out.
+    """
+    found: set[Version] = set()
+    for entry in _fetch_json(index_url() + f"{project}/").get("files", []):
+        name = entry["filename"]
+        try:
+            if name.endswith(".whl"):
+                version = parse_wheel_filename(name)[1]
+            else:
+                version = parse_sdist_filename(name)[1]
+        except (InvalidWheelFilename, InvalidSdistFilename):
+            continue
+        if not entry.get("yanked") and not version.is_prerelease and version >= Version(first):
+            found.add(version)
+    return [str(v) for v in sorted(found)]
 
 
 def sha256_file(path: Path) -> str:
