@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from conftest import SUPPORTED
 from packaging.version import Version
-from vllm_patches.matrix import FIRST_LMCACHE, merge, summary
+from vllm_patches.envs import default_lmcache, lmcache_layer
+from vllm_patches.matrix import FIRST_LMCACHE, merge, pin_conflicts, summary
 from vllm_patches.series import REPO_ROOT
 from vllm_patches.sources import final_releases
 
@@ -14,9 +17,9 @@ SHIPPED = json.loads((REPO_ROOT / "matrix" / "matrix.json").read_text())
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
 
 
-def _cell(ok: bool, chosen: str) -> dict:
+def _cell(ok: bool, chosen: str, conflicts: tuple[str, ...] = ()) -> dict:
     info = {"ok": ok, "chosen": chosen, "error": "", "candidates": {}, "module_path_route": {}}
-    return {"unpatched": info, "patched": info}
+    return {"unpatched": info, "patched": info, "pin_conflicts": list(conflicts)}
 
 
 def test_the_shipped_table_is_full_size():
@@ -54,7 +57,7 @@ def test_merge_orders_releases_as_versions_and_summary_joins_runs():
             "cells": {
                 "0.21.0|0.3.9.post2": _cell(True, FROZEN.format("0180")),
                 "0.21.0|0.4.1": _cell(False, builtin),
-                "0.21.0|0.4.2": _cell(True, FROZEN.format("0180")),
+                "0.21.0|0.4.2": _cell(True, FROZEN.format("0180"), ("numpy: vLLM <2, lmcache 2",)),
                 "0.9.0|0.4.2": _cell(True, builtin),
             },
             "seconds": {"0.21.0": 1.5, "0.9.0": 1.0},
@@ -72,9 +75,25 @@ def test_merge_orders_releases_as_versions_and_summary_joins_runs():
     assert merged["seconds"] == {"0.21.0": 3.5, "0.9.0": 1.0}
     assert merged["setup_seconds"] == {"0.21.0": 3.0}
     rows = summary(merged).splitlines()[2:]
-    # A release that fails breaks a run of releases that start.
+    # A release that fails breaks a run of releases that start; a pin conflict is named.
     assert rows == [
         "| 0.9.0 | 0.4.2 (builtin) | 0.4.2 (builtin) |",
-        "| 0.21.0 | 0.3.9.post2\N{EN DASH}0.3.10 (_0180), 0.4.2 (_0180) "
-        "| 0.3.9.post2\N{EN DASH}0.3.10 (_0180), 0.4.2 (_0180) |",
+        "| 0.21.0 | 0.3.9.post2\N{EN DASH}0.3.10 (_0180), 0.4.2 (_0180; pins conflict: numpy) "
+        "| 0.3.9.post2\N{EN DASH}0.3.10 (_0180), 0.4.2 (_0180; pins conflict: numpy) |",
     ]
+
+
+def test_each_default_lmcache_starts_patched_and_fits_vllms_pins():
+    for version in SUPPORTED:
+        cell = SHIPPED["cells"][f"{version}|{default_lmcache(version)}"]
+        assert cell["patched"]["ok"] and not cell["pin_conflicts"], version
+
+
+def test_pin_conflicts_come_from_vllms_requirements_and_lmcaches_metadata():
+    layer = lmcache_layer(Path(sys.executable), "0.5.3")
+    # vLLM up to 0.19.0 pins transformers below 5; lmcache from 0.4.5 needs 5.4 or later.
+    assert pin_conflicts("0.17.1", layer) == ["transformers: vLLM <5,>=4.56.0, lmcache >=5.4"]
+    assert pin_conflicts("0.21.0", layer) == []
+    conflicting = {k for k, c in SHIPPED["cells"].items() if c["pin_conflicts"]}
+    assert "0.19.0|0.4.5" in conflicting and "0.19.1|0.4.5" not in conflicting
+    assert "0.19.0|0.4.4" not in conflicting

@@ -24,14 +24,21 @@ BUILD_DEPS = (
     "jinja2",
 )
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
-# An lmcache release of each vLLM release's time that imports with it: the first release
-# (by minor) from which each one applies.
-DEFAULT_LMCACHE = (("0.12", "0.3.9.post2"), ("0.14", "0.5.3"), ("0.22", "0.5.6"))
+# An lmcache release of each vLLM release's time whose pins fit vLLM's and with which the
+# patched vLLM starts (matrix/matrix.json); each applies from the vLLM release it names.
+# lmcache 0.4.5 and later need transformers >= 5.4, which vLLM up to 0.19.0 pins below 5.
+DEFAULT_LMCACHE = (
+    ("0.12", "0.3.9.post2"),
+    ("0.14", "0.3.13"),
+    ("0.17", "0.4.4"),
+    ("0.19.1", "0.5.3"),
+    ("0.22", "0.5.6"),
+)
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
 
 def default_lmcache(version: str) -> str:
-    """An lmcache release that imports with vLLM ``version``."""
+    """An lmcache release that vLLM ``version`` starts with, patched (:data:`DEFAULT_LMCACHE`)."""
     chosen = DEFAULT_LMCACHE[0][1]
     for first, lmcache in DEFAULT_LMCACHE:
         if Version(version) >= Version(first):

@@ -3,24 +3,87 @@ unpatched and patched. One venv per vLLM release; each lmcache release is laid o
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from vllm_patches.apply import apply, status
 from vllm_patches.doctor import Diagnosis, diagnose_layers
 from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
+from vllm_patches.sources import final_releases, read_sdist_file
 from vllm_patches.targets import installed_vllm
 
 Cell = dict[str, object]
 _LABELS = ("unpatched", "patched")
 FIRST_LMCACHE = "0.3.9.post2"
 """The oldest lmcache release the table covers (the one vLLM 0.12.0 imports with)."""
+BASE_LMCACHE = "0.5.3"
+"""The oldest lmcache whose dependencies a row's venv gets: a layer brings lmcache alone,
+so the venv must hold what every layered release imports (0.4.7 on imports numba, which
+0.3.x does not install); the others then lack only GPU packages (nixl, cupy-cuda12x,
+cuda-python) and grpcio-observability, which no connector module imports."""
+
+
+def _base_lmcache(version: str) -> str:
+    """The lmcache installed (with its dependencies) in vLLM ``version``'s row venv."""
+    return max(default_lmcache(version), BASE_LMCACHE, key=Version)
+
+
+def _requirements(lines: Iterable[str]) -> list[Requirement]:
+    """The requirements in ``lines`` (a requirements file or Requires-Dist) that apply here."""
+    found = []
+    for line in lines:
+        text = line.split(" #", 1)[0].strip()
+        if not text or text.startswith(("#", "-")):
+            continue
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            found.append(req)
+    return found
+
+
+@functools.cache
+def _vllm_requirements(version: str) -> tuple[Requirement, ...]:
+    """What vLLM ``version`` requires on every platform (its ``requirements/common.txt``)."""
+    data = read_sdist_file(version, "requirements/common.txt") or b""
+    return tuple(_requirements(data.decode().splitlines()))
+
+
+def pin_conflicts(version: str, layer: Path) -> list[str]:
+    """The dependencies that vLLM ``version`` and the lmcache in ``layer`` pin apart.
+
+    A conflict is a package both require for which no final release on the index satisfies
+    both: ``pip install vllm==V lmcache==L`` is then refused, and installing lmcache after
+    vLLM moves that package out of vLLM's range.
+    """
+    dist = next(iter(metadata.distributions(path=[str(layer)])))
+    mine = {canonicalize_name(r.name): r for r in _vllm_requirements(version)}
+    found = []
+    for req in _requirements(dist.requires or []):
+        theirs = mine.get(canonicalize_name(req.name))
+        if theirs is None:
+            continue
+        both = theirs.specifier & req.specifier
+        if not any(both.contains(v) for v in _releases(req.name)):
+            found.append(f"{req.name}: vLLM {theirs.specifier}, lmcache {req.specifier}")
+    return found
+
+
+@functools.cache
+def _releases(project: str) -> list[str]:
+    return final_releases(project, "0")
 
 
 def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str, str]]:
@@ -79,11 +142,11 @@ def run_matrix(
     result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
     for version in dict.fromkeys(v for v, _ in cells):
         mine = [lm for v, lm in cells if v == version]
-        venv = venv_dir(version, default_lmcache(version))
+        venv = venv_dir(version, _base_lmcache(version))
         built_here = not (venv / ".complete").is_file()
         start = time.monotonic()
         try:
-            python = vllm_env(version, default_lmcache(version))
+            python = vllm_env(version, _base_lmcache(version))
             layers = {lm: lmcache_layer(python, lm) for lm in mine}
         except PatchToolError as exc:
             for lm in mine:
@@ -107,7 +170,10 @@ def run_matrix(
                 if label == "patched":
                     apply(site, revert=True)
         for lm in mine:
-            result["cells"][f"{version}|{lm}"] = rows[lm]
+            result["cells"][f"{version}|{lm}"] = {
+                **rows[lm],
+                "pin_conflicts": pin_conflicts(version, layers[lm]),
+            }
         result["seconds"][version] = round(time.monotonic() - start, 1)
         if discard_venvs and built_here:
             shutil.rmtree(venv)
@@ -162,20 +228,23 @@ def _cell_text(cell: Cell, label: str) -> str:
 
 def starts_with(result: dict, version: str, label: str) -> str:
     """The lmcache releases with which vLLM ``version`` starts (``label``: unpatched or
-    patched), as runs of consecutive releases by connector: ``0.4.4-0.5.0 (_0180), ...``."""
-    lmcaches = _axes(result)[1]
-    runs: list[tuple[str, str, str]] = []  # (connector, first, last)
+    patched), as runs of consecutive releases by connector: ``0.4.4-0.5.0 (_0180), ...``;
+    a run whose pins conflict with vLLM's names the packages."""
+    runs: list[tuple[str, str, str]] = []  # (what, first, last)
     previous = ""
-    for lm in lmcaches:
+    for lm in _axes(result)[1]:
         cell = result["cells"].get(f"{version}|{lm}", {})
-        name = _connector(cell[label]) if cell.get(label, {}).get("ok") else ""
-        if name and runs and name == runs[-1][0] and previous == runs[-1][2]:
-            runs[-1] = (name, runs[-1][1], lm)
-        elif name:
-            runs.append((name, lm, lm))
+        what = _connector(cell[label]) if cell.get(label, {}).get("ok") else ""
+        if what and cell.get("pin_conflicts"):
+            names = sorted({c.split(":")[0] for c in cell["pin_conflicts"]})
+            what += f"; pins conflict: {', '.join(names)}"
+        if what and runs and what == runs[-1][0] and previous == runs[-1][2]:
+            runs[-1] = (what, runs[-1][1], lm)
+        elif what:
+            runs.append((what, lm, lm))
         previous = lm
-    text = [f"{a}\N{EN DASH}{b}" if a != b else a for _, a, b in runs]
-    return ", ".join(f"{t} ({name})" for t, (name, _, _) in zip(text, runs, strict=True)) or "none"
+    text = [f"{a}\N{EN DASH}{b} ({what})" if a != b else f"{a} ({what})" for what, a, b in runs]
+    return ", ".join(text) or "none"
 
 
 def summary(result: dict) -> str:
@@ -215,11 +284,12 @@ def markdown(result: dict) -> str:
             elif "install_error" in cell:
                 cells.append(_cell_text(cell, ""))
             else:
+                conflicts = "".join(f"<br>pins conflict: {c}" for c in cell["pin_conflicts"])
                 cells.append(
                     f"unpatched {_cell_text(cell, 'unpatched')}<br>"
                     f"patched {_cell_text(cell, 'patched')}<br>"
                     f"module path: {_route_text(cell, 'unpatched')} → "
-                    f"{_route_text(cell, 'patched')}"
+                    f"{_route_text(cell, 'patched')}{conflicts}"
                 )
         lines.append(f"| {version} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
