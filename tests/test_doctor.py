@@ -93,3 +93,19 @@ def test_forked_diagnoses_equal_fresh_processes(python, tmp_path):
     assert found[0].data["lmcache"] == "0.5.0" and found[2].data["lmcache"] == "0.5.6"
     assert not found[1].ok
     assert found[1].data["import_error"] == "the probe failed: exit code 3"
+
+
+@pytest.mark.slow
+def test_doctor_warns_when_vllms_pins_are_not_met(python, tmp_path):
+    layer = lmcache_layer(python, "0.5.0")
+    assert diagnose(python, [layer]).data["vllm_unmet"] == []
+    # What installing lmcache after vLLM can do: a dependency moved out of vLLM's range.
+    fake = tmp_path / "transformers-4.0.0.dist-info"
+    fake.mkdir()
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.0.0\n")
+    diagnosis = diagnose(python, [layer, tmp_path])
+    assert diagnosis.data["vllm_unmet"] == [
+        "transformers 4.0.0 is installed, vllm needs !=5.0.*,!=5.1.*,!=5.2.*,!=5.3.*,!=5.4.*,"
+        "!=5.5.0,>=4.56.0"
+    ]
+    assert "warning: transformers 4.0.0 is installed, vllm needs " in "\n".join(diagnosis.lines())

@@ -53,7 +53,25 @@ def row(module_name, class_name="LMCacheMPConnector"):
     return info
 
 
+def unmet(project):
+    # project's requirements that the installed packages do not meet, as pip check says them
+    from packaging.requirements import Requirement
+
+    found = []
+    for text in md.requires(project) or []:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        have = version(req.name)
+        if have is None:
+            found.append(f"{req.name} is not installed ({project} needs {req})")
+        elif not req.specifier.contains(have, prereleases=True):
+            found.append(f"{req.name} {have} is installed, {project} needs {req.specifier}")
+    return found
+
+
 out = {"vllm": version("vllm"), "lmcache": version("lmcache"), "candidates": []}
+out["vllm_unmet"] = unmet("vllm") if out["vllm"] else []
 try:
     spec = importlib.util.find_spec(PACKAGE)
     names = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])]
@@ -201,6 +219,7 @@ class Diagnosis:
         else:
             state = "patched (this series)" if data["patched"] else "unpatched"
             out.append(f"vLLM's lmcache_mp_connector: {state}")
+        out += [f"warning: {unmet}" for unmet in data.get("vllm_unmet", [])]
         for candidate in [*data["candidates"], *([data["builtin"]] if "builtin" in data else [])]:
             keys = ("imports", "subclass", "builds")
             shown = keys[: next((i + 1 for i, k in enumerate(keys) if not candidate[k]), 3)]
