@@ -6,7 +6,7 @@ import json
 
 import pytest
 from vllm_patches.apply import apply
-from vllm_patches.doctor import PAIRING_TABLE, diagnose, diagnose_layers
+from vllm_patches.doctor import PAIRING_TABLE, Diagnosis, diagnose, diagnose_layers
 from vllm_patches.envs import lmcache_layer, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.matrix import merge, run_matrix, shard_of, starts_with
@@ -109,3 +109,21 @@ def test_doctor_warns_when_vllms_pins_are_not_met(python, tmp_path):
         "!=5.5.0,>=4.56.0"
     ]
     assert "warning: transformers 4.0.0 is installed, vllm needs " in "\n".join(diagnosis.lines())
+
+
+def test_doctor_does_not_advise_a_copy_frozen_for_a_newer_vllm():
+    def candidate(suffix: str) -> dict:
+        module = f"lmcache.integration.vllm.lmcache_mp_connector_{suffix}"
+        return {"module": module, "imports": True, "subclass": True, "builds": True, "error": ""}
+
+    data = {
+        "vllm": "0.17.1+cpu",
+        "lmcache": "0.5.3",
+        "patched": True,
+        "candidates": [candidate("0201"), candidate("0180"), candidate("0170")],
+        "chosen_builds": False,
+        "chosen_error": "LMCacheMPConnector: no connector can be built",
+    }
+    fixes = Diagnosis(data).fixes()
+    # _0180 and _0201 build on 0.17.1 but are made for newer vLLM: the series skips them too.
+    assert fixes == [f"set LMCACHE_MP_CONNECTOR_MODULE={candidate('0170')['module']}"]

@@ -171,6 +171,17 @@ def _lmcache_advice(vllm_version: str) -> str:
     return f"with the series applied, install lmcache {working}"
 
 
+def _made_for_newer(module: str, vllm_version: str) -> bool:
+    """Whether ``module`` is an lmcache copy frozen for a newer vLLM minor release than this.
+
+    The series never picks one (``_frozen_lmcache_mp_connector_modules``, patch 0004), so
+    doctor does not advise it either: it may build here yet expect a newer vLLM at run time.
+    """
+    match = re.search(r"_mp_connector_(\d)(\d\d)\d$", module)
+    running = Version(vllm_version).release[:2]
+    return bool(match) and (int(match[1]), int(match[2])) > running
+
+
 def _brief(error: str) -> str:
     return re.sub(r" \(/[^)]*\)", "", error)
 
@@ -193,7 +204,11 @@ class Diagnosis:
                 f"vLLM {data['vllm']}'s connector module does not import with lmcache "
                 f"{data['lmcache']}; install an lmcache release of this vLLM's time"
             ]
-        working = [c["module"] for c in data["candidates"] if c["builds"]]
+        working = [
+            c["module"]
+            for c in data["candidates"]
+            if c["builds"] and not _made_for_newer(c["module"], data["vllm"])
+        ]
         fixes = []
         if data.get("patched"):
             fixes += [f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working]
