@@ -23,7 +23,6 @@ BUILD_DEPS = (
     "cmake",
     "jinja2",
 )
-# What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
 # An lmcache release of each vLLM release's time whose pins fit vLLM's and with which the
 # patched vLLM starts (matrix/matrix.json); each applies from the vLLM release it names.
 # lmcache 0.4.5 and later need transformers >= 5.4, which vLLM up to 0.19.0 pins below 5.
@@ -34,6 +33,7 @@ DEFAULT_LMCACHE = (
     ("0.19.1", "0.5.3"),
     ("0.22", "0.5.6"),
 )
+# What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
 

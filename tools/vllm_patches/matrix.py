@@ -142,11 +142,12 @@ def run_matrix(
     result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
     for version in dict.fromkeys(v for v, _ in cells):
         mine = [lm for v, lm in cells if v == version]
-        venv = venv_dir(version, _base_lmcache(version))
+        base = _base_lmcache(version)
+        venv = venv_dir(version, base)
         built_here = not (venv / ".complete").is_file()
         start = time.monotonic()
         try:
-            python = vllm_env(version, _base_lmcache(version))
+            python = vllm_env(version, base)
             layers = {lm: lmcache_layer(python, lm) for lm in mine}
         except PatchToolError as exc:
             for lm in mine:
