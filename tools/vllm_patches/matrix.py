@@ -16,10 +16,11 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from vllm_patches.apply import apply, status
-from vllm_patches.doctor import Diagnosis, diagnose_layers
 from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
-from vllm_patches.sources import final_releases, read_sdist_file
+from vllm_patches.live import Layer, build_layers, failed_step, works
+from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
+from vllm_patches.sources import cache_root, final_releases, read_sdist_file
 from vllm_patches.targets import installed_vllm
 
 Cell = dict[str, object]
@@ -104,23 +105,59 @@ def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str,
     return cells[(index - 1) * size : index * size]
 
 
+def _short(module: str) -> str:
+    """A candidate's name in the table: ``builtin``, ``lmcache main``, ``_0180`` ..."""
+    if module.startswith("vllm."):
+        return "builtin"
+    name = module.rsplit(".", 1)[-1]
+    return (
+        "lmcache main"
+        if name == "lmcache_mp_connector"
+        else name.removeprefix("lmcache_mp_connector")
+    )
+
+
 def _state(candidate: dict) -> str:
-    state = "builds" if candidate["builds"] else ("imports" if candidate["imports"] else "fails")
-    return state + (f": {candidate['error'][:160]}" if candidate["error"] else "")
+    """What was measured of one candidate, in words."""
+    step = failed_step(candidate)
+    error = f": {candidate.get('error', '')[:200]}" if step else ""
+    if step:
+        return f"{step}: no{error}"
+    if works(candidate):
+        return "works"
+    return "imports (not built: no server)"
 
 
-def _summary(diagnosis: Diagnosis) -> Cell:
-    data = diagnosis.data
-    candidates = {c["module"].rsplit(".", 1)[-1]: _state(c) for c in data.get("candidates", [])}
-    if "builtin" in data:
-        candidates["builtin"] = _state(data["builtin"])
+def _summary(data: dict) -> Cell:
+    """One cell side: the class chosen and what a real build of every candidate did."""
+    chosen = data.get("chosen_build", {})
+    candidates = {}
+    for candidate in data.get("candidates", []):
+        key = "builtin" if candidate.get("builtin") else _short(candidate["module"])
+        candidates[key] = _state(candidate)
+    error = data.get("import_error") or (chosen.get("error", "") if chosen else "")
     return {
-        "ok": diagnosis.ok,
         "chosen": data.get("chosen", ""),
-        "error": data.get("import_error") or data.get("chosen_error", ""),
+        "works": works(chosen) if chosen else (None if "chosen" in data else False),
+        "error": error[:300],
         "candidates": candidates,
-        "module_path_route": data.get("module_path_route", {}),
+        "reason": data.get("resolution", {}).get("reason", "")[:300],
     }
+
+
+def _row_layers(
+    pool: ServerPool, python: Path, layers: dict[str, Path]
+) -> tuple[list[Layer], dict[str, str]]:
+    """Each lmcache layer with its release's server; why a release has none."""
+    found, missing = [], {}
+    for lm, layer in layers.items():
+        server = pool.get(python, layer, lm)
+        if isinstance(server, str):
+            missing[lm] = server
+            found.append(Layer(layer, None))
+        else:
+            found.append(Layer(layer, server.url))
+    return found, missing
 
 
 def run_matrix(
@@ -130,66 +167,90 @@ def run_matrix(
     progress: Callable[[str], None] = lambda _: None,
     *,
     discard_venvs: bool = False,
+    log_dir: Path | None = None,
 ) -> dict:
     """Measure every (vLLM, lmcache) cell of the shard; a failing install is a cell, not a crash.
 
+    Each cell's candidates are built for real against that lmcache release's own server
+    (one server per release, started on first use and reused by every row and side).
+
     :param discard_venvs: remove each vLLM venv this run built once its cells are measured
         (the cache otherwise keeps ~3.5 GB per vLLM release).
+    :param log_dir: where the servers' logs go (a temporary directory otherwise).
     :returns: ``cells`` by ``"vllm|lmcache"``; per vLLM release the ``setup_seconds`` (venv
-        and lmcache layers) and the ``seconds`` its cells took.
+        and lmcache layers) and the ``seconds`` its cells took; ``servers``: per lmcache
+        release, why it has no server that runs here (releases with one are not listed).
     """
     cells = shard_of([(v, lm) for v in vllm_versions for lm in lmcache_versions], shard)
-    result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
-    for version in dict.fromkeys(v for v, _ in cells):
-        mine = [lm for v, lm in cells if v == version]
-        base = _base_lmcache(version)
-        venv = venv_dir(version, base)
-        built_here = not (venv / ".complete").is_file()
-        start = time.monotonic()
-        try:
-            python = vllm_env(version, base)
-            layers = {lm: lmcache_layer(python, lm) for lm in mine}
-        except PatchToolError as exc:
-            for lm in mine:
-                result["cells"][f"{version}|{lm}"] = {"install_error": str(exc)[:300]}
-            continue
-        result["setup_seconds"][version] = round(time.monotonic() - start, 1)
-        start = time.monotonic()
-        site = installed_vllm(str(python))
-        if status(site).overall == "patched":
-            apply(site, revert=True)
-        rows: dict[str, Cell] = {lm: {} for lm in mine}
-        for label in _LABELS:
-            if label == "patched":
-                apply(site)
-            progress(f"vLLM {version} x lmcache {', '.join(mine)} ({label})")
-            try:
-                found = diagnose_layers(python, [layers[lm] for lm in mine])
-                for lm, diagnosis in zip(mine, found, strict=True):
-                    rows[lm][label] = _summary(diagnosis)
-            finally:
-                if label == "patched":
-                    apply(site, revert=True)
-        for lm in mine:
-            result["cells"][f"{version}|{lm}"] = {
-                **rows[lm],
-                "pin_conflicts": pin_conflicts(version, layers[lm]),
-            }
-        result["seconds"][version] = round(time.monotonic() - start, 1)
-        if discard_venvs and built_here:
-            shutil.rmtree(venv)
+    result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}, "servers": {}}
+    with stopped_on_signals(), ServerPool(log_dir) as pool:
+        for version in dict.fromkeys(v for v, _ in cells):
+            mine = [lm for v, lm in cells if v == version]
+            _measure_row(result, pool, version, mine, progress, discard_venvs=discard_venvs)
+        result["servers"] = dict(sorted(pool.failures.items(), key=lambda kv: Version(kv[0])))
     return result
+
+
+def _measure_row(
+    result: dict,
+    pool: ServerPool,
+    version: str,
+    mine: list[str],
+    progress: Callable[[str], None],
+    *,
+    discard_venvs: bool,
+) -> None:
+    """Measure vLLM ``version`` with each lmcache release in ``mine``, into ``result``."""
+    base = _base_lmcache(version)
+    venv = venv_dir(version, base)
+    built_here = not (venv / ".complete").is_file()
+    start = time.monotonic()
+    try:
+        python = vllm_env(version, base)
+        layers = {lm: lmcache_layer(python, lm) for lm in mine}
+    except PatchToolError as exc:
+        for lm in mine:
+            result["cells"][f"{version}|{lm}"] = {"install_error": str(exc)[:300]}
+        return
+    found, missing = _row_layers(pool, python, layers)
+    result["setup_seconds"][version] = round(time.monotonic() - start, 1)
+    start = time.monotonic()
+    site = installed_vllm(str(python))
+    if status(site).overall == "patched":
+        apply(site, revert=True)
+    rows: dict[str, Cell] = {lm: {} for lm in mine}
+    for label in _LABELS:
+        if label == "patched":
+            apply(site)
+        progress(f"vLLM {version} x lmcache {', '.join(mine)} ({label})")
+        try:
+            for lm, data in zip(mine, build_layers(python, found), strict=True):
+                rows[lm][label] = _summary(data)
+        finally:
+            if label == "patched":
+                apply(site, revert=True)
+    for lm in mine:
+        cell = {**rows[lm], "pin_conflicts": pin_conflicts(version, layers[lm])}
+        if lm in missing:
+            cell["not_built"] = missing[lm]
+        result["cells"][f"{version}|{lm}"] = cell
+    result["seconds"][version] = round(time.monotonic() - start, 1)
+    if discard_venvs and built_here:
+        pool.close()  # its servers may run from this venv
+        shutil.rmtree(venv)
 
 
 def merge(parts: list[dict]) -> dict:
     """One result from the shards' results (equal to the unsharded run's cells)."""
-    merged: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}}
+    merged: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}, "servers": {}}
     for part in parts:
         merged["cells"].update(part["cells"])
+        merged["servers"].update(part.get("servers", {}))
         for key in ("seconds", "setup_seconds"):
             for version, seconds in part.get(key, {}).items():
                 merged[key][version] = round(merged[key].get(version, 0) + seconds, 1)
     merged["cells"] = dict(sorted(merged["cells"].items(), key=lambda kv: _key(kv[0])))
+    merged["servers"] = dict(sorted(merged["servers"].items(), key=lambda kv: Version(kv[0])))
     return merged
 
 
@@ -207,35 +268,53 @@ def _axes(result: dict) -> tuple[list[str], list[str]]:
     )
 
 
+def clear_error(info: Cell) -> bool:
+    """Whether a side resolved to the series' stand-in that stops with the one clear error."""
+    return "Unavailable" in str(info.get("chosen", ""))
+
+
 def _connector(info: Cell) -> str:
     """The short name of the class a cell resolved to."""
     chosen = str(info["chosen"])
     if not chosen:
         return "vLLM's module does not import"
-    if "Unavailable" in chosen:
-        return "none builds"
-    module = chosen.rsplit(".", 2)[-2]
-    if module == "lmcache_mp_connector":
-        return "builtin" if chosen.startswith("vllm.") else "lmcache main"
-    return module.replace("lmcache_mp_connector_", "_")
+    if clear_error(info):
+        return "the series' clear error"
+    return _short(chosen.rsplit(".", 1)[0])
+
+
+def verdict(cell: Cell, label: str) -> str:
+    """``works``, ``clear error``, ``fails`` or ``not built`` for one side of a cell."""
+    if "install_error" in cell:
+        return "fails"
+    info = cell[label]
+    if info["works"]:
+        return "works"
+    if info["works"] is None:
+        return "not built"
+    return "clear error" if clear_error(info) else "fails"
 
 
 def _cell_text(cell: Cell, label: str) -> str:
     if "install_error" in cell:
         return f"install failed: {cell['install_error'][:80]}"
     info = cell[label]
-    return f"{'starts' if info['ok'] else 'FAILS'}: {_connector(info)}"
+    what = verdict(cell, label)
+    text = f"{what.upper() if what == 'fails' else what}: {_connector(info)}"
+    if what == "fails" and info["chosen"]:
+        text += f" ({info['error'].split(':', 1)[0]})"
+    return text
 
 
 def starts_with(result: dict, version: str, label: str) -> str:
-    """The lmcache releases with which vLLM ``version`` starts (``label``: unpatched or
+    """The lmcache releases with which vLLM ``version`` works (``label``: unpatched or
     patched), as runs of consecutive releases by connector: ``0.4.4-0.5.0 (_0180), ...``;
     a run whose pins conflict with vLLM's names the packages."""
     runs: list[tuple[str, str, str]] = []  # (what, first, last)
     previous = ""
     for lm in _axes(result)[1]:
         cell = result["cells"].get(f"{version}|{lm}", {})
-        what = _connector(cell[label]) if cell.get(label, {}).get("ok") else ""
+        what = _connector(cell[label]) if cell.get(label, {}).get("works") else ""
         if what and cell.get("pin_conflicts"):
             names = sorted({c.split(":")[0] for c in cell["pin_conflicts"]})
             what += f"; pins conflict: {', '.join(names)}"
@@ -249,9 +328,9 @@ def starts_with(result: dict, version: str, label: str) -> str:
 
 
 def summary(result: dict) -> str:
-    """Per vLLM release, the lmcache releases that start and through which connector."""
+    """Per vLLM release, the lmcache releases that work and through which connector."""
     lines = [
-        "| vLLM | starts unpatched with lmcache | starts patched with lmcache |",
+        "| vLLM | works unpatched with lmcache | works patched with lmcache |",
         "|---|---|---|",
     ]
     for version in _axes(result)[0]:
@@ -260,13 +339,53 @@ def summary(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _route_text(cell: Cell, label: str) -> str:
-    """What ``kv_connector_module_path`` gives: the module's own class (honoured) or not."""
-    routes = cell[label]["module_path_route"]
-    if not routes:
-        return "-"
-    honoured = all(got == f"{module}.LMCacheMPConnector" for module, got in routes.items())
-    return "honoured" if honoured else "ignored"
+def counts(result: dict) -> dict[str, int]:
+    """The closing figures: cells that work patched, that work only patched, where none can."""
+    found = {
+        "cells": 0,
+        "patched works": 0,
+        "only patched works": 0,
+        "nothing works": 0,
+        "not built": 0,
+    }
+    for cell in result["cells"].values():
+        found["cells"] += 1
+        if "install_error" in cell:
+            continue
+        patched, unpatched = verdict(cell, "patched"), verdict(cell, "unpatched")
+        if "not built" in (patched, unpatched):
+            found["not built"] += 1
+            continue
+        found["patched works"] += patched == "works"
+        found["only patched works"] += patched == "works" and unpatched != "works"
+        found["nothing works"] += not any_works(cell)
+    return found
+
+
+def any_works(cell: Cell) -> bool:
+    """Whether some candidate of the cell (either side) worked when built for real."""
+    return any(
+        state == "works"
+        for label in _LABELS
+        for state in cell.get(label, {}).get("candidates", {}).values()
+    )
+
+
+def disagreements(result: dict) -> list[str]:
+    """Patched cells where the resolution's choice differs from the real builds.
+
+    Where some candidate works, the chosen one must work; where none does, the series' stand-in
+    must stop with the clear error.
+    """
+    found = []
+    for key, cell in result["cells"].items():
+        if "install_error" in cell or verdict(cell, "patched") == "not built":
+            continue
+        patched = verdict(cell, "patched")
+        want = "works" if any_works(cell) else "clear error"
+        if patched != want:
+            found.append(f"{key}: patched {patched}, measured best {want}")
+    return found
 
 
 def markdown(result: dict) -> str:
@@ -288,22 +407,44 @@ def markdown(result: dict) -> str:
                 conflicts = "".join(f"<br>pins conflict: {c}" for c in cell["pin_conflicts"])
                 cells.append(
                     f"unpatched {_cell_text(cell, 'unpatched')}<br>"
-                    f"patched {_cell_text(cell, 'patched')}<br>"
-                    f"module path: {_route_text(cell, 'unpatched')} → "
-                    f"{_route_text(cell, 'patched')}{conflicts}"
+                    f"patched {_cell_text(cell, 'patched')}{conflicts}"
                 )
         lines.append(f"| {version} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _scrub(text: str) -> str:
+    """No machine paths in the table."""
+    for path in (str(cache_root()), str(Path.home())):
+        text = text.replace(path, "~")
+    return text
+
+
 def write(result: dict, out: Path) -> None:
     """``matrix.json`` and ``matrix.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / "matrix.json").write_text(_scrub(json.dumps(result, indent=2, sort_keys=True)) + "\n")
     cells, seconds = len(result["cells"]), sum(result["seconds"].values())
     setup = sum(result.get("setup_seconds", {}).values())
     timing = (
         f"{cells} cells measured in {seconds:,.0f} s ({seconds / max(cells, 1):.1f} s a cell, "
         f"unpatched and patched), plus {setup:,.0f} s of venv and lmcache set-up.\n\n"
     )
-    (out / "matrix.md").write_text(timing + summary(result) + "\n" + markdown(result))
+    servers = "".join(f"- lmcache {lm}: {why}\n" for lm, why in result.get("servers", {}).items())
+    if servers:
+        servers = "Not built for real (no server of that release runs here):\n\n" + servers + "\n"
+    (out / "matrix.md").write_text(
+        _scrub(timing + LEGEND + servers + summary(result) + "\n" + markdown(result))
+    )
+
+
+LEGEND = """Each cell: the class `LMCacheMPConnector` resolves to, unpatched and patched, and what
+building it for real against that lmcache release's own server did. *works*: the scheduler
+and the worker constructed and one request went through the scheduler's lifecycle
+(lookup, allocation, metadata, finish) with the server; *clear error*: the series' stand-in
+stopped at connector creation with its one error, because no candidate works; *FAILS*: the
+engine would die at connector creation (the first error is named); *not built*: no server of
+that lmcache release runs here. Not measured (no GPU): the worker's KV cache registration and
+the KV transfer itself.
+
+"""

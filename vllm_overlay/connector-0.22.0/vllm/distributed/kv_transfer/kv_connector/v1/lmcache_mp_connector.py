@@ -1292,7 +1292,8 @@ def _frozen_lmcache_mp_connector_modules() -> list[str]:
     """lmcache's frozen connector modules that may fit this vLLM, best first.
 
     The module made for this vLLM's minor release comes first, then older
-    ones, newest first. A module made for a newer vLLM is never used.
+    ones, newest first, and last the ones made for a newer vLLM, oldest
+    first: the construction check decides whether those can be built here.
     """
     try:
         spec = importlib.util.find_spec(_LMCACHE_MP_CONNECTOR_PACKAGE)
@@ -1302,16 +1303,18 @@ def _frozen_lmcache_mp_connector_modules() -> list[str]:
         return []
     running = tuple(vllm_version_tuple[:2])
     bounded = all(isinstance(part, int) for part in running)
-    found: list[tuple[tuple[int, ...], str]] = []
+    older: list[tuple[tuple[int, ...], str]] = []
+    newer: list[tuple[tuple[int, ...], str]] = []
     for module_info in pkgutil.iter_modules(spec.submodule_search_locations):
         match = _FROZEN_MODULE_PATTERN.fullmatch(module_info.name)
         if match is None:
             continue
         made_for = tuple(int(part) for part in match.groups())
-        if bounded and made_for[:2] > running:
-            continue
+        found = newer if bounded and made_for[:2] > running else older
         found.append((made_for, f"{_LMCACHE_MP_CONNECTOR_PACKAGE}.{module_info.name}"))
-    return [module_name for _, module_name in sorted(found, reverse=True)]
+    return [name for _, name in sorted(older, reverse=True)] + [
+        name for _, name in sorted(newer)
+    ]
 
 
 def _brief(reason: str, module_name: str) -> str:
@@ -1335,14 +1338,76 @@ def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
     ], False
 
 
+def _is_str_expr(node: ast.expr, str_names: set[str]) -> bool:
+    """Whether ``node`` is plainly a ``str``: a literal, an f-string, ``str()``,
+    a concatenation with one, or a name the function annotates or assigns so."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in str_names
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and node.func.id == "str"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _is_str_expr(node.left, str_names) or _is_str_expr(node.right, str_names)
+    return False
+
+
+def _str_names(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """Names ``function`` annotates as ``str`` or assigns a string to."""
+    arguments = function.args
+    names = {
+        arg.arg
+        for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+        if isinstance(arg.annotation, ast.Name) and arg.annotation.id == "str"
+    }
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and _is_str_expr(node.value, names):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+_CONTAINER_ANNOTATION = re.compile(
+    r"(typing\.)?(list|List|tuple|Tuple|set|Set|frozenset|FrozenSet|dict|Dict)\b"
+)
+
+
+def _rejects_str(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` wants a container, not a str.
+
+    ``list[str]`` and ``list[str] | None`` do; ``str``, ``str | list[str]``,
+    ``Sequence[str]``, an unknown type and no annotation do not.
+    """
+    if annotation is inspect.Parameter.empty:
+        return False
+    text = (
+        annotation
+        if isinstance(annotation, str)
+        else inspect.formatannotation(annotation)
+    )
+    text = re.sub(r"^(typing\.)?(Optional|Union)\[(.*)\]$", r"\3", text)
+    members, depth, start = [], 0, 0
+    for index, char in enumerate(text + ","):
+        depth += (char == "[") - (char == "]")
+        if depth == 0 and char in "|,":
+            members.append(text[start:index].strip())
+            start = index + 1
+    members = [m for m in members if m not in ("None", "NoneType")]
+    return bool(members) and all(_CONTAINER_ANNOTATION.match(m) for m in members)
+
+
 def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
     """Calls in ``module`` to lmcache that the installed lmcache cannot take.
 
     Every call of an imported class or function that lives in ``lmcache`` is
-    bound to the installed object's signature, without calling anything. A module
-    whose calls do not bind fails in its constructor (for instance when an
-    adapter's arguments changed between lmcache releases). Being static, the
-    check gives the same answer in the scheduler and in every worker.
+    bound to the installed object's signature, without calling anything, and
+    an argument that is plainly a string must go to a parameter that takes
+    one: lmcache 0.5.0 turned the scheduler adapter's ``server_url: str`` into
+    ``server_urls: list[str]``, which a URL string still binds to and is then
+    split into characters (``ZMQError: Invalid argument``). A module whose
+    calls do not fit fails in its constructor. Being static, the check gives
+    the same answer in the scheduler and in every worker.
     """
     try:
         tree = ast.parse(inspect.getsource(module))
@@ -1353,16 +1418,21 @@ def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             for alias in node.names:
                 imported[alias.asname or alias.name] = (node.module, alias.name)
+    # The string names of each call's innermost function (ast.walk goes
+    # outside in, so inner functions overwrite their outer ones).
+    str_names: dict[ast.Call, set[str]] = {}
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = _str_names(function)
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call):
+                    str_names[node] = names
     mismatches: list[str] = []
     for node in ast.walk(tree):
         if not (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
             and node.func.id in imported
-        ):
-            continue
-        if any(isinstance(arg, ast.Starred) for arg in node.args) or any(
-            keyword.arg is None for keyword in node.keywords
         ):
             continue
         source_module, name = imported[node.func.id]
@@ -1377,12 +1447,32 @@ def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
             signature = inspect.signature(target)
         except Exception:
             continue
+        # With *args or **kwargs, what the call passes is known only in part:
+        # bind what is written, and judge only the types.
+        starred = [i for i, a in enumerate(node.args) if isinstance(a, ast.Starred)]
+        partial = bool(starred) or any(kw.arg is None for kw in node.keywords)
+        args = node.args[: starred[0]] if starred else node.args
+        kwargs = {kw.arg: kw.value for kw in node.keywords if kw.arg is not None}
         try:
-            signature.bind(
-                *range(len(node.args)), **{kw.arg: None for kw in node.keywords}
-            )
+            if partial:
+                bound = signature.bind_partial(*args, **kwargs)
+            else:
+                bound = signature.bind(*args, **kwargs)
         except TypeError as e:
-            mismatches.append(f"{name}() at line {node.lineno}: {e}")
+            if not partial:
+                mismatches.append(f"{name}() at line {node.lineno}: {e}")
+            continue
+        for param_name, value in bound.arguments.items():
+            param = signature.parameters[param_name]
+            if (
+                isinstance(value, ast.expr)
+                and _is_str_expr(value, str_names.get(node, set()))
+                and _rejects_str(param.annotation)
+            ):
+                mismatches.append(
+                    f"{name}() at line {node.lineno}: {param_name} takes "
+                    f"{inspect.formatannotation(param.annotation)}, not a str"
+                )
     return mismatches
 
 
