@@ -9,7 +9,7 @@ from vllm_patches.apply import apply
 from vllm_patches.doctor import PAIRING_TABLE, Diagnosis, diagnose, diagnose_layers
 from vllm_patches.envs import lmcache_layer, vllm_env
 from vllm_patches.errors import PatchToolError
-from vllm_patches.matrix import merge, run_matrix, shard_of, starts_with
+from vllm_patches.matrix import disagreements, merge, run_matrix, shard_of, starts_with, verdict
 from vllm_patches.targets import installed_vllm
 
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
@@ -40,10 +40,17 @@ def test_doctor_patched(python, cli, monkeypatch, capsys):
     site = installed_vllm(str(python))
     apply(site)
     try:
+        # lmcache 0.5.0: _0180 passes a URL string where server_urls: list[str] is wanted
+        # (ZMQError when built for real), _0201 and the builtin have ParallelStrategy's old
+        # arity: nothing can be built, and the static check now sees all three.
         code, data = _doctor(cli, monkeypatch, python, "0.5.0")
-        assert code == 0 and data["ok"] and data["chosen"] == FROZEN.format("0180")
+        assert code == 2 and data["chosen"].endswith("LMCacheMPConnectorUnavailable")
         builds = {c["module"].rsplit("_", 1)[-1]: c["builds"] for c in data["candidates"]}
-        assert builds == {"connector": False, "0201": False, "0180": True}
+        assert builds == {"connector": False, "0201": False, "0180": False}
+        errors = {c["module"].rsplit("_", 1)[-1]: c["error"] for c in data["candidates"]}
+        assert errors["0180"].endswith("server_urls takes list[str], not a str")
+        code, data = _doctor(cli, monkeypatch, python, "0.5.3")
+        assert code == 0 and data["ok"] and data["chosen"] == FROZEN.format("0201")
         code, data = _doctor(cli, monkeypatch, python, "0.5.6")
         assert code == 2 and data["chosen"].endswith("LMCacheMPConnectorUnavailable")
         assert (
@@ -54,21 +61,23 @@ def test_doctor_patched(python, cli, monkeypatch, capsys):
         # The advice comes from the pairing table shipped in matrix/matrix.json.
         working = starts_with(json.loads(PAIRING_TABLE.read_text()), "0.21.0", "patched")
         assert f"fix: with the series applied, install lmcache {working}\n" in out
-        assert working.startswith("0.4.")
+        assert "0.5.3" in working
     finally:
         apply(site, revert=True)
 
 
 @pytest.mark.slow
 def test_two_shards_merged_equal_the_unsharded_run(python):
-    grid = (["0.21.0"], ["0.5.0", "0.5.6"])
+    grid = (["0.21.0"], ["0.5.3", "0.5.6"])
     whole = run_matrix(*grid)
     parts = [run_matrix(*grid, shard=f"{i}/2") for i in (1, 2)]
     assert merge(parts)["cells"] == merge([whole])["cells"]
-    cell = whole["cells"]["0.21.0|0.5.0"]
-    assert not cell["unpatched"]["ok"] and cell["patched"]["ok"]
-    assert cell["patched"]["chosen"] == FROZEN.format("0180")
-    assert not whole["cells"]["0.21.0|0.5.6"]["patched"]["ok"]
+    cell = whole["cells"]["0.21.0|0.5.3"]
+    assert verdict(cell, "unpatched") == "fails" and verdict(cell, "patched") == "works"
+    assert cell["patched"]["chosen"] == FROZEN.format("0201")
+    assert cell["patched"]["candidates"]["_0180"].startswith("scheduler constructs: no: ")
+    assert verdict(whole["cells"]["0.21.0|0.5.6"], "patched") == "clear error"
+    assert disagreements(whole) == []
 
 
 def test_shards_deal_every_cell_once():
@@ -111,7 +120,7 @@ def test_doctor_warns_when_vllms_pins_are_not_met(python, tmp_path):
     assert "warning: transformers 4.0.0 is installed, vllm needs " in "\n".join(diagnosis.lines())
 
 
-def test_doctor_does_not_advise_a_copy_frozen_for_a_newer_vllm():
+def test_doctor_advises_every_copy_that_builds_as_the_series_tries_them():
     def candidate(suffix: str) -> dict:
         module = f"lmcache.integration.vllm.lmcache_mp_connector_{suffix}"
         return {"module": module, "imports": True, "subclass": True, "builds": True, "error": ""}
@@ -124,6 +133,8 @@ def test_doctor_does_not_advise_a_copy_frozen_for_a_newer_vllm():
         "chosen_builds": False,
         "chosen_error": "LMCacheMPConnector: no connector can be built",
     }
-    fixes = Diagnosis(data).fixes()
-    # _0180 and _0201 build on 0.17.1 but are made for newer vLLM: the series skips them too.
-    assert fixes == [f"set LMCACHE_MP_CONNECTOR_MODULE={candidate('0170')['module']}"]
+    # Copies made for a newer vLLM are tried last by the series (patch 0006), not never.
+    assert Diagnosis(data).fixes() == [
+        f"set LMCACHE_MP_CONNECTOR_MODULE={candidate(s)['module']}"
+        for s in ("0201", "0180", "0170")
+    ]

@@ -92,9 +92,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
     import sys as _sys
 
-    from vllm_patches.doctor import diagnose
+    from vllm_patches.doctor import diagnose, live_check
 
-    diagnosis = diagnose(args.python or _sys.executable)
+    python = args.python or _sys.executable
+    live = args.live or args.server is not None
+    diagnosis = live_check(python, args.server) if live else diagnose(python)
     if args.json:
         print(json.dumps({**diagnosis.data, "ok": diagnosis.ok}, indent=2))
     else:
@@ -274,6 +276,24 @@ def upstream_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="which connector will run here, and will it start?")
+    p.add_argument("--python", metavar="PATH", help="the environment to check (default: this)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--live",
+        action="store_true",
+        help="build the connector for real against a local server of the installed lmcache",
+    )
+    how.add_argument(
+        "--server",
+        metavar="URL",
+        help="build the connector for real against this running LMCache server (tcp://HOST:PORT)",
+    )
+    p.set_defaults(func=_cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm-patches`` parser."""
     parser = argparse.ArgumentParser(
@@ -300,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
     p.set_defaults(func=_cmd_prove)
 
-    p = sub.add_parser("doctor", help="which connector will run here, and will it start?")
-    p.add_argument("--python", metavar="PATH", help="the environment to check (default: this)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_cmd_doctor)
+    _add_doctor(sub)
 
     p = sub.add_parser("matrix", help="vLLM x lmcache pairing table, unpatched and patched")
     p.add_argument(

@@ -12,13 +12,23 @@ from pathlib import Path
 from packaging.version import Version
 
 from vllm_patches._proc import run_subprocess
+from vllm_patches.errors import PatchToolError
+from vllm_patches.live import Layer, build_layers, failed_step, works
+from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR, REPO_ROOT
 
-CHECKER = "_lmcache_api_mismatches"
+CHECKER_PARTS = {
+    "_lmcache_api_mismatches",
+    "_is_str_expr",
+    "_str_names",
+    "_rejects_str",
+    "_CONTAINER_ANNOTATION",
+}
 PAIRING_TABLE = REPO_ROOT / "matrix" / "matrix.json"
 _SCRIPT = r"""
 import ast, importlib, importlib.metadata as md, inspect, json, os, pkgutil, re, sys
 from types import ModuleType
+from typing import Any
 
 exec(os.environ["VLLM_PATCHES_CHECKER"])
 VLLM_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
@@ -149,11 +159,20 @@ for index, layer in enumerate(json.loads(os.environ["VLLM_PATCHES_LAYERS"])):
 
 
 def checker_source() -> str:
-    """The construction check, taken from the series' own code (patch 0006) in the overlay."""
+    """The construction check, taken from the series' own code (patch 0006) in the overlay:
+    the checker and the module-level helpers it calls."""
     overlay = next(iter(sorted(OVERLAY_DIR.glob(f"*/{CONNECTOR}"))))
-    tree = ast.parse(overlay.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == CHECKER)
-    return ast.get_source_segment(overlay.read_text(), node) or ""
+    text = overlay.read_text()
+    nodes = [n for n in ast.parse(text).body if _defines(n) & CHECKER_PARTS]
+    return "\n\n".join(ast.get_source_segment(text, n) or "" for n in nodes)
+
+
+def _defines(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.FunctionDef):
+        return {node.name}
+    if isinstance(node, ast.Assign):
+        return {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return set()
 
 
 def _lmcache_advice(vllm_version: str) -> str:
@@ -169,17 +188,6 @@ def _lmcache_advice(vllm_version: str) -> str:
             "(README: Which connector will I get?)"
         )
     return f"with the series applied, install lmcache {working}"
-
-
-def _made_for_newer(module: str, vllm_version: str) -> bool:
-    """Whether ``module`` is an lmcache copy frozen for a newer vLLM minor release than this.
-
-    The series never picks one (``_frozen_lmcache_mp_connector_modules``, patch 0004), so
-    doctor does not advise it either: it may build here yet expect a newer vLLM at run time.
-    """
-    match = re.search(r"_mp_connector_(\d)(\d\d)\d$", module)
-    running = Version(vllm_version).release[:2]
-    return bool(match) and (int(match[1]), int(match[2])) > running
 
 
 def _brief(error: str) -> str:
@@ -204,11 +212,7 @@ class Diagnosis:
                 f"vLLM {data['vllm']}'s connector module does not import with lmcache "
                 f"{data['lmcache']}; install an lmcache release of this vLLM's time"
             ]
-        working = [
-            c["module"]
-            for c in data["candidates"]
-            if c["builds"] and not _made_for_newer(c["module"], data["vllm"])
-        ]
+        working = [c["module"] for c in data["candidates"] if c["builds"]]
         fixes = []
         if data.get("patched"):
             fixes += [f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working]
@@ -293,3 +297,80 @@ def diagnose_layers(python: str | Path, layers: list[Path]) -> list[Diagnosis]:
             found.append(Diagnosis(pending if pending is not None else failed))
             pending, failure = None, ""
     return found
+
+
+@dataclass
+class LiveDiagnosis:
+    """What building the connector for real against a server found, and its verdict."""
+
+    data: dict = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> dict:
+        return self.data.get("chosen_build", {})
+
+    @property
+    def ok(self) -> bool:
+        return "import_error" not in self.data and bool(works(self.chosen))
+
+    def fixes(self) -> list[str]:
+        """What to do when the engine would fail."""
+        data = self.data
+        working = [c["module"] for c in data.get("candidates", []) if works(c)]
+        if data.get("patched"):
+            fixes = [
+                f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working if m.startswith("lmcache")
+            ]
+        elif working:
+            fixes = [
+                "apply the series (tools/apply-patches --python PY): it picks "
+                + " or ".join(working)
+                + ", which works here"
+            ]
+        else:
+            fixes = []
+        if not working and data.get("vllm"):
+            fixes.append(_lmcache_advice(data["vllm"]))
+        return fixes
+
+    def lines(self) -> list[str]:
+        data = self.data
+        out = [
+            f"vLLM {data.get('vllm')}, lmcache {data.get('lmcache') or 'not installed'}; "
+            f"built for real against the LMCache server at {data.get('server')}"
+        ]
+        if "import_error" in data:
+            out.append(f"vLLM's connector module does not import: {data['import_error']}")
+        out += [f"warning: {unmet}" for unmet in data.get("vllm_unmet", [])]
+        for candidate in data.get("candidates", []):
+            step = failed_step(candidate)
+            what = f"fails at: {step} ({_brief(candidate.get('error', ''))})" if step else "works"
+            out.append(f"  {candidate['module']}: {what}")
+        if "chosen" in data:
+            out.append(f"LMCacheMPConnector resolves to {data['chosen']}")
+        if self.ok:
+            out.append(f"round trip: {self.chosen.get('round_trip', '')}")
+            out.append(f"not checked on a CPU: {data.get('worker_limit', '')}")
+            out.append("verdict: OK")
+        else:
+            error = data.get("import_error") or self.chosen.get("error", "")
+            out.append(f"verdict: will fail when the engine starts: {_brief(error)}")
+            out += [f"fix: {fix}" for fix in self.fixes()]
+        return out
+
+
+def live_check(python: str | Path, server: str | None = None) -> LiveDiagnosis:
+    """Build the candidates in ``python`` for real against ``server``.
+
+    :param server: the deployment's LMCache server (``tcp://HOST:PORT``); None starts one of
+        the installed lmcache on loopback for the check and stops it afterwards.
+    """
+    with stopped_on_signals(), ServerPool() as pool:
+        if server is None:
+            running = pool.get(Path(python), None, "installed")
+            if isinstance(running, str):
+                msg = f"{running}; give --server URL to check against a running server"
+                raise PatchToolError(msg)
+            server = running.url
+        (data,) = build_layers(python, [Layer(None, server)])
+    return LiveDiagnosis(data)

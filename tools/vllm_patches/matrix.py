@@ -3,6 +3,7 @@ unpatched and patched. One venv per vLLM release; each lmcache release is laid o
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import shutil
@@ -15,11 +16,13 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from vllm_patches._git import run_git
 from vllm_patches.apply import apply, status
 from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
 from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
+from vllm_patches.series import REPO_ROOT
 from vllm_patches.sources import cache_root, final_releases, read_sdist_file
 from vllm_patches.targets import installed_vllm
 
@@ -145,6 +148,20 @@ def _summary(data: dict) -> Cell:
     }
 
 
+def measured(vllm_versions: list[str], lmcache_versions: list[str]) -> dict:
+    """When, from which commit of this project, and which releases a table measured."""
+    try:
+        commit = run_git(["rev-parse", "HEAD"], REPO_ROOT).strip()
+    except PatchToolError:
+        commit = "unknown (not run from a clone)"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "vllm": sorted(vllm_versions, key=Version),
+        "lmcache": sorted(lmcache_versions, key=Version),
+    }
+
+
 def _row_layers(
     pool: ServerPool, python: Path, layers: dict[str, Path]
 ) -> tuple[list[Layer], dict[str, str]]:
@@ -183,6 +200,7 @@ def run_matrix(
     """
     cells = shard_of([(v, lm) for v in vllm_versions for lm in lmcache_versions], shard)
     result: dict = {"cells": {}, "seconds": {}, "setup_seconds": {}, "servers": {}}
+    result["measured"] = measured(sorted({v for v, _ in cells}, key=Version), lmcache_versions)
     with stopped_on_signals(), ServerPool(log_dir) as pool:
         for version in dict.fromkeys(v for v, _ in cells):
             mine = [lm for v, lm in cells if v == version]
@@ -251,6 +269,14 @@ def merge(parts: list[dict]) -> dict:
                 merged[key][version] = round(merged[key].get(version, 0) + seconds, 1)
     merged["cells"] = dict(sorted(merged["cells"].items(), key=lambda kv: _key(kv[0])))
     merged["servers"] = dict(sorted(merged["servers"].items(), key=lambda kv: Version(kv[0])))
+    stamps = [part["measured"] for part in parts if "measured" in part]
+    if stamps:
+        merged["measured"] = {
+            "date": max(s["date"] for s in stamps),
+            "commit": ", ".join(dict.fromkeys(s["commit"] for s in stamps)),
+            "vllm": sorted({v for s in stamps for v in s["vllm"]}, key=Version),
+            "lmcache": sorted({lm for s in stamps for lm in s["lmcache"]}, key=Version),
+        }
     return merged
 
 
@@ -284,10 +310,13 @@ def _connector(info: Cell) -> str:
 
 
 def verdict(cell: Cell, label: str) -> str:
-    """``works``, ``clear error``, ``fails`` or ``not built`` for one side of a cell."""
+    """``works``, ``clear error``, ``fails``, ``does not import`` (vLLM's connector module,
+    so no resolution ran) or ``not built`` (no server) for one side of a cell."""
     if "install_error" in cell:
         return "fails"
     info = cell[label]
+    if not info["chosen"]:
+        return "does not import"
     if info["works"]:
         return "works"
     if info["works"] is None:
@@ -347,6 +376,7 @@ def counts(result: dict) -> dict[str, int]:
         "only patched works": 0,
         "nothing works": 0,
         "not built": 0,
+        "does not import": 0,
     }
     for cell in result["cells"].values():
         found["cells"] += 1
@@ -356,6 +386,7 @@ def counts(result: dict) -> dict[str, int]:
         if "not built" in (patched, unpatched):
             found["not built"] += 1
             continue
+        found["does not import"] += patched == "does not import"
         found["patched works"] += patched == "works"
         found["only patched works"] += patched == "works" and unpatched != "works"
         found["nothing works"] += not any_works(cell)
@@ -375,7 +406,8 @@ def disagreements(result: dict) -> list[str]:
     """Patched cells where the resolution's choice differs from the real builds.
 
     Where some candidate works, the chosen one must work; where none does, the series' stand-in
-    must stop with the clear error.
+    must stop with the clear error (or vLLM's connector module does not import at all, which
+    :func:`counts` reports apart: no resolution runs there).
     """
     found = []
     for key, cell in result["cells"].items():
@@ -383,7 +415,7 @@ def disagreements(result: dict) -> list[str]:
             continue
         patched = verdict(cell, "patched")
         want = "works" if any_works(cell) else "clear error"
-        if patched != want:
+        if patched != want and not (patched == "does not import" and want == "clear error"):
             found.append(f"{key}: patched {patched}, measured best {want}")
     return found
 
