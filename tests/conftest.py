@@ -20,6 +20,22 @@ from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
 from vllm_patches.wheels import record_hash
 
+USER_IDENTITY = ("-c", "user.name=A User", "-c", "user.email=user@example.org")
+"""What a test passes to git for commits of its own, as a user with an identity would."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_machine_git_config(tmp_path_factory):
+    """Run as on a fresh machine: no ~/.gitconfig (so no identity) and no system config."""
+    empty = tmp_path_factory.mktemp("git-config") / "gitconfig"
+    empty.write_text("")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    patch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    yield
+    patch.undo()
+
+
 SUPPORTED = [
     "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0",
     "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0",

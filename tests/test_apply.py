@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import SUPPORTED, connector_bytes, tree_snapshot, upstream_patches
+from conftest import SUPPORTED, USER_IDENTITY, connector_bytes, tree_snapshot, upstream_patches
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR
 
 
@@ -16,8 +16,9 @@ def _overlay(manifest, version: str) -> bytes:
 
 
 def _git(tree, *args: str) -> str:
+    """git as a user with an identity (the suite itself runs without any git config)."""
     return subprocess.run(
-        ["git", *args], cwd=tree, check=True, capture_output=True, text=True
+        ["git", *USER_IDENTITY, *args], cwd=tree, check=True, capture_output=True, text=True
     ).stdout.strip()
 
 

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import project_copy, run_tool, tree_snapshot
+from conftest import USER_IDENTITY, project_copy, run_tool, tree_snapshot
 from vllm_patches.rebase import _mark_upstream
 from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
 
@@ -62,7 +62,7 @@ def _conflicting_checkout(git_tree, version: str) -> Path:
     assert text.count(line) == 1
     path.write_text(text.replace(line, '"Forced by the environment: builtin connector.",'))
     for args in (["commit", "-q", "-a", "-m", "local change"], ["tag", "-f", f"v{version}"]):
-        subprocess.run(["git", *args], cwd=tree, check=True, capture_output=True)
+        subprocess.run(["git", *USER_IDENTITY, *args], cwd=tree, check=True, capture_output=True)
     return tree
 
 
@@ -136,7 +136,7 @@ def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(conf
 def _amend(work: Path, subject: str, old: str, new: str) -> None:
     """Edit the commit whose subject contains ``subject``, as a maintainer would."""
     env = {**os.environ, "GIT_SEQUENCE_EDITOR": f"sed -i -E 's/^pick (\\S+ .*{subject})/edit \\1/'"}
-    git = ["git", "-c", "user.name=m", "-c", "user.email=m@localhost"]
+    git = ["git", *USER_IDENTITY]
     subprocess.run([*git, "rebase", "-q", "-i", "v0.31.0"], cwd=work, env=env, check=True)
     path = work / CONNECTOR
     text = path.read_text()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import project_copy, run_tool, tree_snapshot
-from vllm_patches.upstream import fill_template, newest_release
+from vllm_patches.series import REPO_ROOT
+from vllm_patches.upstream import _message, fill_template, newest_release
 
 SUBMITTER = "Test Submitter <submitter@example.com>"
 QUICK_TESTS = "tests/v1/kv_connector/unit/test_config.py"
@@ -63,10 +64,9 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
         author, message = commit.split("\x00")
         assert author == SUBMITTER
         assert message.splitlines()[0].startswith("[KVConnector][LMCache] ")
-        assert message.splitlines()[-2:] == [
-            "Co-authored-by: Claude",
-            f"Signed-off-by: {SUBMITTER}",
-        ]
+        # No attribution trailer unless the contributor passes --assisted-by.
+        assert message.splitlines()[-1] == f"Signed-off-by: {SUBMITTER}"
+        assert "Co-authored-by" not in message
         assert "Upstream-Status" not in message and "Last-Update" not in message
     assert sorted(p.name[:4] for p in (out / "patches").glob("*.patch")) == ["0001", "0002"]
 
@@ -80,7 +80,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     template = (tree / ".github/PULL_REQUEST_TEMPLATE.md").read_text()
     headings = re.findall(r"^## .+$", template, re.MULTILINE)
     assert re.findall(r"^## .+$", pr, re.MULTILINE) == headings
-    assert "- [x] AI assistance was used during the creation of this PR." in pr
+    assert "- [ ] AI assistance was used during the creation of this PR." in pr
     assert "New tests: 22 passed of 22; regressions: 0." in pr
     assert "KVCacheSpecKind" in pr  # the measured lmcache 0.5.6 on vLLM 0.21.0 example
     (tmp_path / "PR.md").write_text(pr)
@@ -163,3 +163,18 @@ def test_every_template_section_is_filled():
     filled = fill_template(template, sections)
     assert _unfilled_sections(filled) == []
     assert "text for claims" in filled and "kept" in filled and "<!-- say -->" not in filled
+
+
+def test_no_attribution_trailer_or_ticked_ai_box_unless_the_contributor_asks():
+    patch = next((REPO_ROOT / "patches" / "connector-0.31.0").glob("0002-*.patch"))
+    plain = _message(patch, "A U Thor <a@example.org>", [])
+    assert "Co-authored-by" not in plain
+    assert plain.splitlines()[-1] == "Signed-off-by: A U Thor <a@example.org>"
+    asked = _message(patch, "A U Thor <a@example.org>", ["Some Assistant"])
+    assert asked.splitlines()[-2:] == [
+        "Co-authored-by: Some Assistant",
+        "Signed-off-by: A U Thor <a@example.org>",
+    ]
+    template = "## Purpose\n\n<!-- x -->\n- [ ] AI assistance was used during the creation\n"
+    assert "- [ ] AI assistance" in fill_template(template, {"purpose": "p"})
+    assert "- [x] AI assistance" in fill_template(template, {"purpose": "p"}, ai_assisted=True)

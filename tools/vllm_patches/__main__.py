@@ -267,10 +267,11 @@ def upstream_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--assisted-by",
-        nargs="*",
-        default=["Claude"],
+        nargs="+",
+        default=[],
         metavar="NAME",
-        help="Co-authored-by trailers for AI assistance (vLLM requires the disclosure)",
+        help="add a Co-authored-by trailer for each (vLLM asks you to disclose AI assistance; "
+        "nothing is added unless you pass this)",
     )
     parser.set_defaults(func=_cmd_upstream)
     return parser

@@ -99,9 +99,8 @@ def _measured_example() -> str:
     if not table.is_file():
         return ""
     cell = json.loads(table.read_text())["cells"].get("0.21.0|0.5.6", {})
-    error = cell.get("patched", {}).get("error", "")
-    match = re.search(r"lmcache\.integration\.vllm\.lmcache_mp_connector: ([^;]+)", error)
-    return match.group(1) if match else ""
+    state = cell.get("patched", {}).get("candidates", {}).get("lmcache main", "")
+    return state.removeprefix("imports: no: ") if state.startswith("imports: no: ") else ""
 
 
 def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str]) -> dict[str, str]:
@@ -199,8 +198,8 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
             "measured by binding its calls to lmcache's signatures). Checking that a candidate "
             "can be built before choosing it is a separate change, not part of this PR.",
             "",
-            "AI assistance was used to prepare this change (see the `Co-authored-by:` "
-            "trailers). The submitter must review every changed line, rerun the test plan, "
+            "If AI assistance was used, say so here and with `--assisted-by` (vLLM's rule). "
+            "The submitter must review every changed line, rerun the test plan, "
             "and check that no open PR already covers this (`gh pr list --repo "
             "vllm-project/vllm --search \"LMCacheMPConnector in:title\"`) before opening it.",
             *(
@@ -227,8 +226,12 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.items()) or "none"
 
 
-def fill_template(template: str, sections: dict[str, str]) -> str:
-    """The PR template with every ``##`` section's placeholder replaced by its text."""
+def fill_template(template: str, sections: dict[str, str], *, ai_assisted: bool = False) -> str:
+    """The PR template with every ``##`` section's placeholder replaced by its text.
+
+    :param ai_assisted: tick the template's AI-assistance item (only when the contributor
+        said so with ``--assisted-by``).
+    """
     out: list[str] = []
     parts = re.split(r"^(## .+)$", template, flags=re.MULTILINE)
     out.append(parts[0])
@@ -240,7 +243,10 @@ def fill_template(template: str, sections: dict[str, str]) -> str:
         rest = re.sub(r"^\s*<!--.*?-->\s*", "", body, flags=re.DOTALL)
         out.append(f"{heading}\n\n{sections[key]}\n\n{rest.lstrip()}")
     text = "".join(out)
-    for item in ("AI assistance was used", "The purpose", "The test plan", "The test results"):
+    ticked = ["The purpose", "The test plan", "The test results"]
+    if ai_assisted:
+        ticked.append("AI assistance was used")
+    for item in ticked:
         text = text.replace(f"- [ ] {item}", f"- [x] {item}")
     return text
 
@@ -252,7 +258,7 @@ def prepare(
     user_checkout: Path | None = None,
     branch: str = "lmcache-mp-connector-hardening",
     lmcache: str | None = None,
-    assisted_by: tuple[str, ...] = ("Claude",),
+    assisted_by: tuple[str, ...] = (),
     tests: list[str] | None = None,
 ) -> PullRequest:
     """Make the branch, run vLLM's hooks and tests, and write the series and ``PR.md``."""
@@ -375,7 +381,8 @@ def _build(
         + " ".join(dict.fromkeys([*tests, TEST_FILE])),
     ]
     template = (tree / ".github" / "PULL_REQUEST_TEMPLATE.md").read_text()
-    body = fill_template(template, _sections(base, pr, commands, tests))
+    sections = _sections(base, pr, commands, tests)
+    body = fill_template(template, sections, ai_assisted=bool(assisted_by))
     (staging / "PR.md").write_text(f"<!-- title: {title} -->\n{body}")
     (staging / "TITLE").write_text(title + "\n")
     return pr
