@@ -160,9 +160,35 @@ def test_unsupported_release(git_tree, apply_cli):
 def test_dirty_work_tree(git_tree, apply_cli):
     tree = git_tree("0.21.0")
     (tree / "setup.py").write_text((tree / "setup.py").read_text() + "\n# local\n")
-    _refused(
-        apply_cli, tree, match="has uncommitted changes (setup.py); commit or stash them first"
-    )
+    for args in ((), ("--check",), ("--force",)):
+        _refused(
+            apply_cli,
+            tree,
+            *args,
+            match="has uncommitted changes (setup.py); commit or stash them first "
+            "(--force does not override this: nothing was changed)",
+        )
+    assert (tree / "setup.py").read_text().endswith("\n# local\n")
+
+
+def test_force_never_discards_uncommitted_work(git_tree, apply_cli):
+    """An uncommitted edit to the connector file itself, and one elsewhere during --revert."""
+    tree = git_tree("0.21.0")
+    path = tree / CONNECTOR
+    edited = path.read_text() + "\n# my uncommitted work\n"
+    path.write_text(edited)
+    _refused(apply_cli, tree, "--force", match="has uncommitted changes")
+    assert path.read_text() == edited
+    path.write_text(edited.removesuffix("\n# my uncommitted work\n"))
+    code, _, err = apply_cli(tree)
+    assert code == 0, err
+    setup = tree / "setup.py"
+    mine = setup.read_text() + "\n# mine\n"
+    setup.write_text(mine)
+    _refused(apply_cli, tree, "--revert", "--force", match="has uncommitted changes (setup.py)")
+    _refused(apply_cli, tree, "--revert", "--check", match="has uncommitted changes (setup.py)")
+    assert setup.read_text() == mine
+    assert _git(tree, "rev-parse", "--abbrev-ref", "HEAD") == "vllm-lmcache-mp/v0.21.0"
 
 
 def test_locally_modified_target_file(git_tree, apply_cli):
@@ -195,7 +221,8 @@ def test_plain_tree_modified_file(plain_tree, apply_cli):
 def test_existing_series_branch(git_tree, apply_cli):
     tree = git_tree("0.21.0")
     _git(tree, "branch", "vllm-lmcache-mp/v0.21.0")
-    _refused(apply_cli, tree, match="branch vllm-lmcache-mp/v0.21.0 already exists")
+    for args in ((), ("--check",)):
+        _refused(apply_cli, tree, *args, match="branch vllm-lmcache-mp/v0.21.0 already exists")
 
 
 def test_undetectable_version(plain_tree, apply_cli):

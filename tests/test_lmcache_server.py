@@ -93,3 +93,12 @@ def test_a_server_that_exits_at_start_names_its_last_log_line(tmp_path):
         "Torch not compiled with CUDA"
         in (tmp_path / "logs" / "lmcache-server-0.4.4.log").read_text()
     )
+
+
+def test_a_release_without_the_server_module_says_so(tmp_path):
+    layer = tmp_path / "layer"
+    (layer / "lmcache").mkdir(parents=True)
+    (layer / "lmcache" / "__init__.py").write_text("")
+    assert server_flags(Path(sys.executable), layer) == (
+        "it has no multiprocess server (lmcache.v1.multiprocess.server is missing)"
+    )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_patches.errors import PatchToolError, ReportedError
+from vllm_patches.sources import release_arg
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,9 @@ def _target_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--site", action="store_true", help="the vLLM installed in this Python")
     where.add_argument("--python", metavar="PATH", help="the vLLM installed in that Python")
-    parser.add_argument("--version", help="the vLLM release, if it cannot be detected")
+    parser.add_argument(
+        "--version", type=release_arg, help="the vLLM release, if it cannot be detected"
+    )
 
 
 def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the CLI cheap
@@ -105,23 +108,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    import json
-
-    from packaging.version import Version
-
     from vllm_patches import matrix
-    from vllm_patches.series import load_manifest
-    from vllm_patches.sources import final_releases
 
     if args.merge:
-        result = matrix.merge([json.loads(Path(p).read_text()) for p in args.merge])
+        result = matrix.merge(matrix.load_results(args.merge))
     else:
-        vllm = args.vllm
-        if vllm == ["all"]:
-            vllm = sorted(load_manifest().releases, key=Version)
-        lmcache = args.lmcache
-        if lmcache == ["all"]:
-            lmcache = final_releases("lmcache", matrix.FIRST_LMCACHE)
+        vllm, lmcache = matrix.axes(args.vllm, args.lmcache)
         result = matrix.run_matrix(
             vllm,
             lmcache,
@@ -202,7 +194,12 @@ def rebase_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--onto", metavar="VERSION", help="the vLLM release to carry the series to")
+    what.add_argument(
+        "--onto",
+        metavar="VERSION",
+        type=release_arg,
+        help="the vLLM release to carry the series to",
+    )
     what.add_argument(
         "--continue", dest="resume", action="store_true", help="go on after resolving a conflict"
     )
@@ -211,6 +208,7 @@ def rebase_parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         metavar="VERSION",
+        type=release_arg,
         help="the release whose series to carry (default: the newest older one with a series)",
     )
     parser.add_argument(
@@ -254,11 +252,15 @@ def upstream_parser() -> argparse.ArgumentParser:
         description="Prepare 0002 + 0003 as a pull request against vLLM's newest release.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
-    parser.add_argument("--base", metavar="VERSION", help="default: the newest supported release")
+    parser.add_argument(
+        "--base", metavar="VERSION", type=release_arg, help="default: the newest supported release"
+    )
     parser.add_argument("--out", type=Path, help="default: ./upstream-pr-vVERSION")
     parser.add_argument("--checkout", type=Path, metavar="DIR", help="your vLLM git checkout")
     parser.add_argument("--branch", default="lmcache-mp-connector-hardening")
-    parser.add_argument("--lmcache", help="lmcache release for the tests (default: of its time)")
+    parser.add_argument(
+        "--lmcache", type=release_arg, help="lmcache release for the tests (default: of its time)"
+    )
     parser.add_argument(
         "--tests",
         nargs="+",
@@ -304,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("checkout", help="make a git checkout of a vLLM release from its sdist")
-    p.add_argument("version")
+    p.add_argument("version", type=release_arg)
     p.add_argument("--dest", type=Path, help="where (default: the cached checkout)")
     p.set_defaults(func=_cmd_checkout)
 
@@ -317,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_overlay)
 
     p = sub.add_parser("prove", help="install vLLM, apply the series, show the resolved class")
-    p.add_argument("version")
-    p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
+    p.add_argument("version", type=release_arg)
+    p.add_argument(
+        "--lmcache",
+        type=release_arg,
+        help="lmcache release (default: one of the vLLM release's time)",
+    )
     p.set_defaults(func=_cmd_prove)
 
     _add_doctor(sub)
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_matrix)
 
     p = sub.add_parser("wheel", help="a patched vLLM wheel: repack the official one, or build")
-    p.add_argument("version")
+    p.add_argument("version", type=release_arg)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--from-wheel", type=Path, metavar="PATH", help="the official wheel")
     source.add_argument("--download", action="store_true", help="fetch it through pip (default)")
@@ -362,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_verify_wheel)
 
     p = sub.add_parser("test", help="run vLLM's connector unit tests, unpatched vs patched")
-    p.add_argument("version")
-    p.add_argument("--lmcache", help="lmcache release (default: one of the vLLM release's time)")
+    p.add_argument("version", type=release_arg)
+    p.add_argument(
+        "--lmcache",
+        type=release_arg,
+        help="lmcache release (default: one of the vLLM release's time)",
+    )
     p.add_argument("--out", type=Path, help="report directory (default: ./vllm-tests-VERSION)")
     p.add_argument("--tests", nargs="+", metavar="PATH", help="default: tests/v1/kv_connector/unit")
     p.set_defaults(func=_cmd_test)

@@ -43,6 +43,9 @@ def run_subprocess(
     except FileNotFoundError:
         msg = f"{argv[0]} is not installed or not on PATH; install it and run the command again"
         raise PatchToolError(msg) from None
+    except OSError as exc:
+        msg = f"cannot run {argv[0]} ({exc.strerror}); give a program that runs here"
+        raise PatchToolError(msg) from None
     if check and proc.returncode != 0:
         logger.debug("command failed: %s\n%s\n%s", argv, proc.stdout, proc.stderr)
         out, err = (s if text else s.decode(errors="replace") for s in (proc.stdout, proc.stderr))

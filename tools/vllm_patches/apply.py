@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,28 +125,39 @@ def _identity_env(root: Path) -> dict[str, str]:
     return GIT_IDENTITY
 
 
-def _refuse_dirty(root: Path, force: bool) -> None:
+def _refuse_dirty(root: Path) -> None:
+    """Uncommitted changes are the user's: no flag lets a command switch branches over them."""
     dirty = tracked_changes(root)
-    if dirty and not force:
-        msg = f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them first"
+    if dirty:
+        msg = (
+            f"{root} has uncommitted changes ({', '.join(dirty[:3])}); commit or stash them "
+            "first (--force does not override this: nothing was changed)"
+        )
         raise PatchToolError(msg)
 
 
-def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
+def _preflight_apply_git(target: Target, release: Release) -> None:
     root = target.root
-    _refuse_dirty(root, force)
+    _refuse_dirty(root)
     branch = release.branch
     if git_ok(["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], root):
         msg = f"branch {branch} already exists in {root}; switch to it, or delete it to start again"
         raise PatchToolError(msg)
+
+
+def _apply_git(target: Target, release: Release) -> Outcome:
+    root = target.root
+    _preflight_apply_git(target, release)
+    branch = release.branch
     origin = current_ref(root)
     run_git(["switch", "-q", "-c", branch], root)
     patches = [str(p) for p in release.patch_files]
     try:
         run_git(["am", "-q", "-3", "--keep-non-patch", *patches], root, env=_identity_env(root))
     except PatchToolError as exc:
+        # The tree was clean before the series: what is left is the series' own.
         run_git(["am", "--abort"], root, check=False)
-        run_git(["switch", "-q", "-f", origin], root)
+        run_git(["switch", "-q", origin], root)
         run_git(["branch", "-D", branch], root)
         msg = (
             f"the series for vLLM {release.version} does not apply to {root} ({exc}); "
@@ -157,18 +168,26 @@ def _apply_git(target: Target, release: Release, force: bool) -> Outcome:
     return Outcome(True, f"applied {len(patches)} patches to {root} on branch {branch}")
 
 
-def _revert_git(target: Target, release: Release, force: bool) -> Outcome:
+def _preflight_revert_git(target: Target, release: Release) -> str:
+    """The ref to switch back to, once every check has passed."""
     root = target.root
     branch = release.branch
     if current_ref(root) != branch:
         msg = f"{root} is not on the series branch {branch}; nothing to revert there"
         raise PatchToolError(msg)
-    _refuse_dirty(root, force)
+    _refuse_dirty(root)
     origin = run_git(["config", f"branch.{branch}.{BASE_KEY}"], root, check=False).strip()
     if not origin:
         msg = f"branch {branch} was not made by apply-patches; switch back and delete it by hand"
         raise PatchToolError(msg)
-    run_git(["switch", "-q", *(["-f"] if force else []), origin], root)
+    return origin
+
+
+def _revert_git(target: Target, release: Release) -> Outcome:
+    root = target.root
+    branch = release.branch
+    origin = _preflight_revert_git(target, release)
+    run_git(["switch", "-q", origin], root)
     run_git(["branch", "-D", "-q", branch], root)
     return Outcome(True, f"switched {root} back to {origin} and deleted {branch}")
 
@@ -231,9 +250,14 @@ def _plan(target: Target, release: Release, *, reverse: bool) -> dict[Path, byte
     return plan
 
 
-def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
+def _preflight_tree(target: Target, release: Release, *, reverse: bool) -> dict:
     plan = _plan(target, release, reverse=reverse)
     _check_writable({p.parent for p in plan}, "make the tree writable first")
+    return plan
+
+
+def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
+    plan = _preflight_tree(target, release, reverse=reverse)
     with _transaction(target.root) as writes:
         writes.update(plan)
     verb = "reverted" if reverse else "applied"
@@ -267,13 +291,23 @@ def _site_rel(target: Target, path: Path) -> str:
     return path.relative_to(target.root).as_posix()
 
 
-def _apply_site(target: Target, release: Release) -> Outcome:
+def _preflight_apply_site(target: Target, release: Release) -> dict:
     assert target.dist_info is not None
     backup = target.dist_info / BACKUP_DIR
     if backup.exists():
         msg = f"{backup} exists from an earlier apply; run apply-patches --revert first"
         raise PatchToolError(msg)
     plan = _plan(target, release, reverse=False)
+    _check_writable(
+        {p.parent for p in plan} | {target.dist_info}, "patch a vLLM you can write to (a venv)"
+    )
+    return plan
+
+
+def _apply_site(target: Target, release: Release) -> Outcome:
+    assert target.dist_info is not None
+    backup = target.dist_info / BACKUP_DIR
+    plan = _preflight_apply_site(target, release)
     record_path = target.dist_info / "RECORD"
     record = record_path.read_bytes()
     state = {
@@ -301,6 +335,16 @@ def _apply_site(target: Target, release: Release) -> Outcome:
 
 
 def _revert_site(target: Target) -> Outcome:
+    writes = _preflight_revert_site(target)
+    assert target.dist_info is not None
+    with _transaction(target.root) as pending:
+        pending.update(writes)
+    shutil.rmtree(target.dist_info / BACKUP_DIR)
+    return Outcome(True, f"restored the original files of vLLM {target.version} in {target.root}")
+
+
+def _preflight_revert_site(target: Target) -> dict[Path, bytes | None]:
+    """What reverting writes, once every check has passed."""
     assert target.dist_info is not None
     backup = target.dist_info / BACKUP_DIR
     state_file = backup / "state.json"
@@ -317,10 +361,20 @@ def _revert_site(target: Target) -> Outcome:
         writes[target.root / rel] = saved.read_bytes()
     writes[target.dist_info / "RECORD"] = (backup / "RECORD.orig").read_bytes()
     _check_writable({p.parent for p in writes} | {backup}, "revert as a user who can write there")
-    with _transaction(target.root) as pending:
-        pending.update(writes)
-    shutil.rmtree(backup)
-    return Outcome(True, f"restored the original files of vLLM {target.version} in {target.root}")
+    return writes
+
+
+_PREFLIGHT_APPLY: dict[str, Callable[[Target, Release], object]] = {
+    "git": _preflight_apply_git,
+    "tree": lambda target, release: _preflight_tree(target, release, reverse=False),
+    "site": _preflight_apply_site,
+}
+"""What each kind checks before applying; ``--check`` runs the same."""
+_PREFLIGHT_REVERT: dict[str, Callable[[Target, Release], object]] = {
+    "git": _preflight_revert_git,
+    "tree": lambda target, release: _preflight_tree(target, release, reverse=True),
+    "site": lambda target, _release: _preflight_revert_site(target),
+}
 
 
 # --- entry points -------------------------------------------------------------------------------
@@ -344,9 +398,10 @@ def apply(
         return Outcome(False, f"{target.describe()} is already patched: nothing to do")
     _refuse_modified(st, force)
     if check:
+        _PREFLIGHT_APPLY[target.kind](target, release)
         return Outcome(False, f"the series applies cleanly to {target.describe()}")
     if target.kind == "git":
-        return _apply_git(target, release, force)
+        return _apply_git(target, release)
     if target.kind == "tree":
         return _apply_tree(target, release, reverse=False)
     return _apply_site(target, release)
@@ -357,9 +412,10 @@ def _revert(target: Target, release: Release, st: Status, *, check: bool, force:
         return Outcome(False, f"{target.describe()} is not patched: nothing to revert")
     _refuse_modified(st, force)
     if check:
+        _PREFLIGHT_REVERT[target.kind](target, release)
         return Outcome(False, f"the series can be reverted from {target.describe()}")
     if target.kind == "git":
-        return _revert_git(target, release, force)
+        return _revert_git(target, release)
     if target.kind == "site":
         return _revert_site(target)
     return _apply_tree(target, release, reverse=True)

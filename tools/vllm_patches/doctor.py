@@ -16,6 +16,7 @@ from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
 from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR, REPO_ROOT
+from vllm_patches.targets import installed_vllm
 
 CHECKER_PARTS = {
     "_lmcache_api_mismatches",
@@ -270,8 +271,19 @@ def diagnose(
     if pythonpath:
         full_env["PYTHONPATH"] = ":".join(str(p) for p in pythonpath)
     proc = run_subprocess([python, "-c", _SCRIPT], env=full_env, what="doctor's probe")
-    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("DOCTOR "))
-    return Diagnosis(json.loads(line[len("DOCTOR ") :]))
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("DOCTOR ")), "")
+    if not line:
+        msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
+        raise PatchToolError(msg)
+    data = json.loads(line[len("DOCTOR ") :])
+    _require_vllm(python, data)
+    return Diagnosis(data)
+
+
+def _require_vllm(python: str | Path, data: dict) -> None:
+    if data.get("vllm") is None:
+        msg = f"no vLLM is installed in {python}; give --python the interpreter of vLLM's venv"
+        raise PatchToolError(msg)
 
 
 def diagnose_layers(python: str | Path, layers: list[Path]) -> list[Diagnosis]:
@@ -365,12 +377,14 @@ def live_check(python: str | Path, server: str | None = None) -> LiveDiagnosis:
     :param server: the deployment's LMCache server (``tcp://HOST:PORT``); None starts one of
         the installed lmcache on loopback for the check and stops it afterwards.
     """
+    installed_vllm(str(python))  # a clear error where there is no vLLM
     with stopped_on_signals(), ServerPool() as pool:
         if server is None:
-            running = pool.get(Path(python), None, "installed")
+            running = pool.get(Path(python), None, f"installed in {python}")
             if isinstance(running, str):
                 msg = f"{running}; give --server URL to check against a running server"
                 raise PatchToolError(msg)
             server = running.url
         (data,) = build_layers(python, [Layer(None, server)])
+    _require_vllm(python, data)
     return LiveDiagnosis(data)

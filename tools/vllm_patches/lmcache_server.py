@@ -71,6 +71,8 @@ def server_flags(python: Path, layer: Path | None) -> list[str] | str:
     found: list[str] | str
     if proc.returncode == 0:
         found = sorted(set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", proc.stdout)))
+    elif "No module named" in proc.stderr and SERVER_MODULE in proc.stderr:
+        found = f"it has no multiprocess server ({SERVER_MODULE} is missing)"
     else:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         found = f"its server does not start here: {lines[-1] if lines else proc.returncode}"
@@ -120,7 +122,7 @@ def start(python: Path, layer: Path | None, log_dir: Path, name: str) -> Server:
         if flag in flags:
             argv += [flag] if value is None else [flag, value]
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"lmcache-server-{name}.log"
+    log = log_dir / f"lmcache-server-{re.sub(r'[^A-Za-z0-9.]+', '-', name).strip('-')}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             argv,

@@ -3,6 +3,7 @@ unpatched and patched. One venv per vLLM release; each lmcache release is laid o
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -22,8 +23,8 @@ from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
 from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
-from vllm_patches.series import REPO_ROOT
-from vllm_patches.sources import cache_root, final_releases, read_sdist_file
+from vllm_patches.series import REPO_ROOT, load_manifest
+from vllm_patches.sources import cache_root, final_releases, read_sdist_file, release_arg
 from vllm_patches.targets import installed_vllm
 
 Cell = dict[str, object]
@@ -90,12 +91,48 @@ def _releases(project: str) -> list[str]:
     return final_releases(project, "0")
 
 
+def axes(vllm: list[str], lmcache: list[str]) -> tuple[list[str], list[str]]:
+    """The releases a run measures: ``all`` expanded, each release checked and normalised.
+
+    :raises PatchToolError: a vLLM release without a series, or not a release number.
+    """
+    manifest = load_manifest()
+    if vllm == ["all"]:
+        vllm = sorted(manifest.releases, key=Version)
+    if lmcache == ["all"]:
+        lmcache = final_releases("lmcache", FIRST_LMCACHE)
+    try:
+        vllm = [release_arg(v) for v in vllm]
+        lmcache = [release_arg(lm) for lm in lmcache]
+    except argparse.ArgumentTypeError as exc:
+        raise PatchToolError(str(exc)) from None
+    for version in vllm:
+        manifest.release(version)
+    return vllm, lmcache
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    """The ``matrix.json`` files of shards, each checked to be one."""
+    parts = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            msg = f"cannot read {path} as a matrix.json ({exc}); give the files matrix wrote"
+            raise PatchToolError(msg) from None
+        if not isinstance(data, dict) or not isinstance(data.get("cells"), dict):
+            msg = f"{path} is not a matrix.json (no cells); give the files matrix wrote"
+            raise PatchToolError(msg)
+        parts.append(data)
+    return parts
+
+
 def shard_of(cells: list[tuple[str, str]], shard: str | None) -> list[tuple[str, str]]:
     """The cells of shard ``i/n`` (1-based), in contiguous blocks; all cells without one.
 
     Blocks keep each vLLM release's cells together, so a shard builds few vLLM venvs.
     """
-    if not shard:
+    if shard is None:
         return cells
     try:
         index, count = (int(x) for x in shard.split("/"))

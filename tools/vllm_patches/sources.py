@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -40,6 +41,20 @@ def cache_root() -> Path:
         return Path(override)
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg) / "vllm-lmcache-mp"
+
+
+def release_arg(text: str) -> str:
+    """A release number as given on the command line: ``v0.21.0`` and `` 0.21.0 `` mean 0.21.0.
+
+    :raises argparse.ArgumentTypeError: not a release number (argparse says it in one line).
+    """
+    cleaned = text.strip().removeprefix("v").removeprefix("V")
+    try:
+        Version(cleaned)
+    except InvalidVersion:
+        msg = f"{text!r} is not a release number; give one like 0.21.0"
+        raise argparse.ArgumentTypeError(msg) from None
+    return cleaned
 
 
 def parse_version(text: str) -> Version:
@@ -198,13 +213,22 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         with tarfile.open(archive) as tar:
             tops = {Path(m.name).parts[0] for m in tar.getmembers() if m.name not in ("", ".")}
             tar.extractall(dest, filter="data")
-    except (tarfile.TarError, OSError) as exc:
-        msg = f"cannot extract {archive} ({exc}); delete it and run the command again"
-        raise PatchToolError(msg) from exc
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _damaged(archive, exc) from exc
     if len(tops) != 1:
         msg = f"{archive} does not hold one top-level directory ({sorted(tops)[:3]})"
         raise PatchToolError(msg)
     return dest / tops.pop()
+
+
+def _damaged(archive: Path, exc: BaseException) -> PatchToolError:
+    """A cached sdist that cannot be read is removed, so that the next run downloads it."""
+    cached = archive.parent == cache_root() / "sdists"
+    if cached:
+        archive.unlink(missing_ok=True)
+        archive.with_name(archive.name + ".sha256").unlink(missing_ok=True)
+    what = "removed it from the cache; run the command again" if cached else "replace it"
+    return PatchToolError(f"cannot read {archive} ({type(exc).__name__}: {exc}); {what}")
 
 
 def _make_checkout(version: str, final: Path) -> None:
@@ -234,6 +258,14 @@ def checkout(version: str, dest: Path | None = None) -> Path:
     :returns: the checkout's path.
     """
     parse_version(version)
+    if dest is not None:
+        dest = dest.resolve()
+        if dest.exists() and not dest.is_dir():
+            msg = f"{dest} is a file; give --dest a directory that is empty or does not exist"
+            raise PatchToolError(msg)
+        if dest.exists() and any(dest.iterdir()):
+            msg = f"{dest} exists and is not empty; pass another --dest or remove it"
+            raise PatchToolError(msg)
     cached = cache_root() / "checkouts" / f"v{version}"
     if not (cached / ".git").is_dir():
         if cached.exists():
@@ -241,10 +273,6 @@ def checkout(version: str, dest: Path | None = None) -> Path:
         _make_checkout(version, cached)
     if dest is None:
         return cached
-    dest = dest.resolve()
-    if dest.exists() and any(dest.iterdir()):
-        msg = f"{dest} exists and is not empty; pass another --dest or remove it"
-        raise PatchToolError(msg)
     run_git(["clone", "-q", "--no-checkout", str(cached), str(dest)], cached.parent)
     run_git(["remote", "remove", "origin"], dest)
     run_git(["checkout", "-q", "-B", "main", f"v{version}"], dest)
@@ -266,13 +294,16 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
     if absent.is_file():
         return None
     data = None
-    with tarfile.open(sdist) as tar:
-        for member in tar.getmembers():
-            parts = member.name.split("/", 1)
-            if len(parts) == 2 and parts[1] == path and member.isfile():
-                handle = tar.extractfile(member)
-                data = handle.read() if handle else None
-                break
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/", 1)
+                if len(parts) == 2 and parts[1] == path and member.isfile():
+                    handle = tar.extractfile(member)
+                    data = handle.read() if handle else None
+                    break
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise _damaged(sdist, exc) from exc
     write_atomic(entry if data is not None else absent, data or b"")
     return data
 

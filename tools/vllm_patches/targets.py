@@ -68,7 +68,11 @@ def _git_version(root: Path) -> str | None:
 def installed_vllm(python: str) -> Target:
     """The vLLM installed in interpreter ``python``."""
     proc = run_subprocess([python, "-c", _QUERY], what=f"{python} (looking up vllm)")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
+        raise PatchToolError(msg) from None
     if info is None:
         msg = f"no vllm is installed in {python}; install vLLM there first or pick another --python"
         raise PatchToolError(msg)
