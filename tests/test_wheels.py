@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 from vllm_patches import wheels
+from vllm_patches._proc import stopped_on_signals
 from vllm_patches.envs import vllm_env
 from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.sources import cache_root, fetch_sdist, read_sdist_file
@@ -141,6 +145,64 @@ def test_interrupted_run_leaves_nothing(small_wheel, out, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         wheels.repack(small_wheel, out)
     assert list(out.iterdir()) == []
+
+
+def test_sigterm_during_a_repack_leaves_nothing(small_wheel, out, monkeypatch):
+    def terminate(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(wheels, "_copy_run", terminate)
+    with pytest.raises(KeyboardInterrupt), stopped_on_signals():
+        wheels.repack(small_wheel, out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_stale_part_file_is_swept(small_wheel, out, cli):
+    out.mkdir()
+    stale = out / ".vllm-repack-abc.whl.part"
+    stale.write_bytes(b"x" * 1000)
+    old = time.time() - wheels.STALE_PART_SECONDS - 60
+    os.utime(stale, (old, old))
+    fresh = out / ".vllm-repack-def.whl.part"  # another repack may be writing this one
+    fresh.write_bytes(b"y")
+    code, _, err = cli("wheel", "0.21.0", "--from-wheel", small_wheel, "--out", out)
+    assert code == 0, err
+    assert not stale.exists() and fresh.exists()
+
+
+def test_an_input_whose_record_does_not_verify(tmp_path, out, cli):
+    files = {CONNECTOR: read_sdist_file("0.21.0", CONNECTOR)}
+    good = make_wheel(tmp_path, {**files, FACTORY: read_sdist_file("0.21.0", FACTORY)})
+    bad = tmp_path / "bad" / good.name
+    bad.parent.mkdir()
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data + b"# changed\n" if item.filename == CONNECTOR else data)
+    _refused(cli, out, "0.21.0", "--from-wheel", bad, match="does not verify against its RECORD")
+    code, _, err = cli("wheel", "0.21.0", "--from-wheel", bad, "--out", out, "--force")
+    assert code == 0, err
+
+
+def test_version_must_match_the_wheel(small_wheel, out, cli):
+    _refused(
+        cli,
+        out,
+        "0.20.1",
+        "--from-wheel",
+        small_wheel,
+        match="is vLLM 0.21.0, not 0.20.1; give the wheel of 0.20.1, or pass --force",
+    )
+    code, stdout, err = cli("wheel", "0.20.1", "--from-wheel", small_wheel, "--out", out, "--force")
+    assert code == 0, err
+    assert Path(stdout.strip()).name == "vllm-0.21.0+lmcachemp1-py3-none-any.whl"
+
+
+def test_out_that_is_a_file(small_wheel, tmp_path, cli):
+    target = tmp_path / "file"
+    target.write_text("x")
+    code, _, err = cli("wheel", "0.21.0", "--from-wheel", small_wheel, "--out", target)
+    assert code == 1 and err == f"error: {target} is a file; give --out a directory\n"
 
 
 def test_verify_catches_a_tampered_record(small_wheel, out, tmp_path, cli):

@@ -129,6 +129,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 def _cmd_wheel(args: argparse.Namespace) -> int:
     from vllm_patches import wheels
+    from vllm_patches._proc import stopped_on_signals
 
     if args.from_source:
         path = wheels.build_from_source(args.version, args.target_device, args.out)
@@ -138,7 +139,8 @@ def _cmd_wheel(args: argparse.Namespace) -> int:
             from vllm_patches.sources import download_wheel
 
             source = download_wheel(args.version)
-        path = wheels.repack(source, args.out, force=args.force)
+        with stopped_on_signals():  # SIGTERM too leaves no .part behind
+            path = wheels.repack(source, args.out, force=args.force, version=args.version)
     print(path)
     return 0
 

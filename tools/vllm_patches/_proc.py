@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,17 @@ def run_subprocess(
         msg = f"{what or ' '.join(argv[:3])} failed (exit {proc.returncode}): " + " | ".join(tail)
         raise PatchToolError(msg)
     return proc
+
+
+@contextlib.contextmanager
+def stopped_on_signals() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while inside, so that ``finally`` blocks run."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from vllm_patches._proc import run_subprocess
+from vllm_patches._proc import run_subprocess, stopped_on_signals
 from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
-from vllm_patches.lmcache_server import ServerPool, stopped_on_signals
+from vllm_patches.lmcache_server import ServerPool
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR, REPO_ROOT
 from vllm_patches.targets import installed_vllm
 

@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from vllm_patches._proc import logger
 from vllm_patches.errors import PatchToolError
 from vllm_patches.series import Group, Release, load_manifest, sha256_bytes
 
@@ -27,6 +29,9 @@ WHEEL_NAME = re.compile(
     r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-(?P<build>\d[^-]*))?-(?P<tags>[^-]+-[^-]+-[^-]+)\.whl$"
 )
 CHUNK = 1 << 20
+STALE_PART_SECONDS = 600
+"""A repack's ``.part`` file older than this was left by an interrupted run (a repack of the
+248 MB official wheel takes well under a second)."""
 
 
 def record_hash(data: bytes) -> str:
@@ -188,19 +193,50 @@ def _targets(release: Release) -> list[Group]:
     return [g for g in release.groups if g.installed]
 
 
-def repack(wheel: Path, out_dir: Path, *, force: bool = False) -> Path:
+def _out_dir(out_dir: Path) -> None:
+    """Make ``out_dir`` and sweep ``.part`` files that crashed repacks left there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        msg = f"{out_dir} is a file; give --out a directory"
+        raise PatchToolError(msg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        msg = f"{out_dir} is not writable; pass another --out"
+        raise PatchToolError(msg)
+    stale = time.time() - STALE_PART_SECONDS
+    for part in out_dir.glob(".vllm-repack-*.whl.part"):
+        if part.stat().st_mtime < stale:
+            logger.warning("removing %s, left by an interrupted repack", part)
+            part.unlink(missing_ok=True)
+
+
+def repack(wheel: Path, out_dir: Path, *, force: bool = False, version: str | None = None) -> Path:
     """Write a patched copy of an official vLLM wheel into ``out_dir`` and return its path.
 
     Unchanged members are copied as compressed bytes; the overlay's files replace the
     originals; the version gets the ``lmcachemp1`` local label everywhere it appears
     (file name, ``.dist-info``, METADATA, RECORD); the build tag is dropped.
 
-    :param force: accept target files that do not match the recorded base hashes.
+    :param force: accept an input whose RECORD does not verify, whose release is not
+        ``version``, or whose target files do not match the recorded base hashes.
+    :param version: the vLLM release the caller expects the wheel to be.
     :raises PatchToolError: for a bad input; nothing is left in ``out_dir`` then.
     """
     manifest = load_manifest()
     with _open(wheel) as zf:
         info = inspect_wheel(wheel, zf)
+        if version is not None and info.release != version and not force:
+            msg = (
+                f"{wheel.name} is vLLM {info.release}, not {version}; give the wheel of "
+                f"{version}, or pass --force to repack it as it is"
+            )
+            raise PatchToolError(msg)
+        problems = record_problems(zf, info)
+        if problems and not force:
+            msg = (
+                f"{wheel.name} does not verify against its RECORD ({problems[0]}); download "
+                "it again, or pass --force to repack it anyway"
+            )
+            raise PatchToolError(msg)
         release = manifest.release(info.release)
         targets = _targets(release)
         if not targets:
@@ -227,10 +263,7 @@ def repack(wheel: Path, out_dir: Path, *, force: bool = False) -> Path:
             f"vllm-{new_version}.data/",
         )
         record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            msg = f"{out_dir} is not writable; pass another --out"
-            raise PatchToolError(msg)
+        _out_dir(out_dir)
         final = out_dir / f"vllm-{new_version}-{info.tags}.whl"
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-repack-", suffix=".whl.part")
         os.close(fd)
@@ -340,6 +373,33 @@ def _write(
         out.writestr(record_info, buffer.getvalue())
 
 
+def record_problems(zf: zipfile.ZipFile, info: WheelInfo) -> list[str]:
+    """Every member whose hash or size RECORD does not state, and every row without a member."""
+    try:
+        record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
+    except KeyError:
+        return [f"no {info.dist_info}/RECORD"]
+    problems: list[str] = []
+    for member in zf.infolist():
+        if member.is_dir() or member.filename == f"{info.dist_info}/RECORD":
+            continue
+        if member.filename not in record:
+            problems.append(f"{member.filename} is not in RECORD")
+            continue
+        digest = hashlib.sha256()
+        with zf.open(member) as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        expected_hash, expected_size = record[member.filename]
+        got = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+        if got != expected_hash or str(member.file_size) != expected_size:
+            problems.append(f"{member.filename}: RECORD says {expected_hash},{expected_size}")
+    for name in record:
+        if name not in zf.NameToInfo and not name.endswith("/RECORD"):
+            problems.append(f"RECORD lists {name}, which is not in the wheel")
+    return problems
+
+
 def verify(path: Path) -> list[str]:
     """Every problem of a patched wheel: RECORD hashes and sizes, version, overlay files."""
     problems: list[str] = []
@@ -349,27 +409,7 @@ def verify(path: Path) -> list[str]:
             problems.append(f"version {info.version} has no {LOCAL_LABEL} local label")
         if not path.name.startswith(f"vllm-{info.version}-"):
             problems.append(f"file name does not carry METADATA's version {info.version}")
-        try:
-            record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
-        except KeyError:
-            return [*problems, f"no {info.dist_info}/RECORD"]
-        for member in zf.infolist():
-            if member.is_dir() or member.filename == f"{info.dist_info}/RECORD":
-                continue
-            if member.filename not in record:
-                problems.append(f"{member.filename} is not in RECORD")
-                continue
-            digest = hashlib.sha256()
-            with zf.open(member) as fh:
-                while chunk := fh.read(CHUNK):
-                    digest.update(chunk)
-            expected_hash, expected_size = record[member.filename]
-            got = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-            if got != expected_hash or str(member.file_size) != expected_size:
-                problems.append(f"{member.filename}: RECORD says {expected_hash},{expected_size}")
-        for name in record:
-            if name not in zf.NameToInfo and not name.endswith("/RECORD"):
-                problems.append(f"RECORD lists {name}, which is not in the wheel")
+        problems += record_problems(zf, info)
         for group in _targets(load_manifest().release(info.release)):
             if zf.read(group.path) != group.overlay_file.read_bytes():
                 problems.append(f"{group.path} differs from vllm_overlay/{group.name}")
