@@ -21,6 +21,8 @@ def write_atomic(path: Path, data: bytes | None) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         if path.exists():
             shutil.copymode(path, tmp)
         else:

@@ -11,14 +11,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vllm_patches._fs import write_atomic
+from vllm_patches import _journal as journal
 from vllm_patches._git import GIT_IDENTITY, current_ref, git_ok, run_git, tracked_changes
+from vllm_patches._journal import JOURNAL_NAME
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import apply_to_bytes
 from vllm_patches.series import (
@@ -151,21 +151,93 @@ def _apply_git(target: Target, release: Release) -> Outcome:
     branch = release.branch
     origin = current_ref(root)
     run_git(["switch", "-q", "-c", branch], root)
+    # Recorded first, so that the next command can take back an apply that was killed.
+    run_git(["config", f"branch.{branch}.{BASE_KEY}", origin], root)
     patches = [str(p) for p in release.patch_files]
     try:
         run_git(["am", "-q", "-3", "--keep-non-patch", *patches], root, env=_identity_env(root))
     except PatchToolError as exc:
-        # The tree was clean before the series: what is left is the series' own.
-        run_git(["am", "--abort"], root, check=False)
-        run_git(["switch", "-q", origin], root)
-        run_git(["branch", "-D", branch], root)
+        _undo_git_apply(root, branch, origin)
         msg = (
             f"the series for vLLM {release.version} does not apply to {root} ({exc}); "
             "nothing was changed"
         )
         raise PatchToolError(msg) from None
-    run_git(["config", f"branch.{branch}.{BASE_KEY}", origin], root)
+    except BaseException:
+        _undo_git_apply(root, branch, origin)  # Ctrl-C, SIGTERM: back where the user was
+        raise
     return Outcome(True, f"applied {len(patches)} patches to {root} on branch {branch}")
+
+
+def _am_in_progress(root: Path) -> bool:
+    # A relative answer is relative to root; joining keeps an absolute one as it is.
+    return (root / run_git(["rev-parse", "--git-path", "rebase-apply"], root).strip()).exists()
+
+
+def _undo_git_apply(root: Path, branch: str, origin: str) -> None:
+    """Abort a ``git am`` of the series, go back to ``origin`` and delete the series branch.
+
+    The tree was clean before the series (dirty trees are refused), so what is left is the
+    series' own.
+    """
+    if _am_in_progress(root):
+        run_git(["am", "--abort"], root, env=_identity_env(root))
+    run_git(["switch", "-q", origin], root)
+    run_git(["branch", "-D", "-q", branch], root)
+
+
+def _recover_git(target: Target, release: Release, *, check: bool) -> str:
+    """Take back an apply that was killed part way (``git am`` in progress or unfinished)."""
+    root = target.root
+    branch = release.branch
+    if current_ref(root) != branch:
+        return ""
+    origin = run_git(["config", f"branch.{branch}.{BASE_KEY}"], root, check=False).strip()
+    if not origin:
+        return ""
+    made = run_git(["rev-list", "--count", f"{origin}..{branch}"], root).strip()
+    if not _am_in_progress(root) and int(made) == len(release.patch_files):
+        return ""
+    if check:
+        msg = (
+            f"{root} holds an apply-patches run that was interrupted ({made} of "
+            f"{len(release.patch_files)} patches); run the command without --check to take it back"
+        )
+        raise PatchToolError(msg)
+    _undo_git_apply(root, branch, origin)
+    return f"took back an interrupted apply in {root} (back on {origin}, {branch} deleted); "
+
+
+def _recover(target: Target, release: Release, *, check: bool) -> str:
+    """Finish off what an interrupted run left; say what was done ('' when nothing was)."""
+    if target.kind == "git":
+        return _recover_git(target, release, check=check)
+    found = _journal(target)
+    if not found.is_file():
+        return _sweep_empty_backup(target, check=check)
+    if check:
+        msg = (
+            f"{target.describe()} holds a change that was interrupted ({found}); run the "
+            "command without --check to roll it back"
+        )
+        raise PatchToolError(msg)
+    what = journal.roll_back(found, target.root)
+    return f"rolled back {what} that was interrupted in {target.root}; " + _sweep_empty_backup(
+        target, check=check
+    )
+
+
+def _sweep_empty_backup(target: Target, *, check: bool) -> str:
+    """A backup directory without a file in it is what an interrupted revert leaves."""
+    if target.dist_info is None:
+        return ""
+    backup = target.dist_info / BACKUP_DIR
+    if not backup.is_dir() or any(p.is_file() for p in backup.rglob("*")):
+        return ""
+    if check:
+        return f"the empty {backup} will be removed; "
+    shutil.rmtree(backup)
+    return f"removed the empty {backup}; "
 
 
 def _preflight_revert_git(target: Target, release: Release) -> str:
@@ -216,24 +288,6 @@ def _check_writable(dirs: set[Path], what: str) -> None:
         Path(probe).unlink()
 
 
-@contextmanager
-def _transaction(root: Path) -> Iterator[dict[Path, bytes | None]]:
-    """Collect writes, then perform them; on failure restore every file already written."""
-    writes: dict[Path, bytes | None] = {}
-    yield writes
-    done: list[tuple[Path, bytes | None]] = []
-    try:
-        for path, data in writes.items():
-            old = path.read_bytes() if path.is_file() else None
-            write_atomic(path, data)
-            done.append((path, old))
-    except OSError as exc:
-        for path, old in reversed(done):
-            write_atomic(path, old)
-        msg = f"writing under {root} failed ({exc}); every file was restored"
-        raise PatchToolError(msg) from None
-
-
 def _plan(target: Target, release: Release, *, reverse: bool) -> dict[Path, bytes | None]:
     plan: dict[Path, bytes | None] = {}
     for group in _groups(release, target):
@@ -256,11 +310,16 @@ def _preflight_tree(target: Target, release: Release, *, reverse: bool) -> dict:
     return plan
 
 
+def _journal(target: Target) -> Path:
+    """Where a change to ``target`` keeps its journal while it runs."""
+    return (target.dist_info or target.root) / JOURNAL_NAME
+
+
 def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
     plan = _preflight_tree(target, release, reverse=reverse)
-    with _transaction(target.root) as writes:
-        writes.update(plan)
     verb = "reverted" if reverse else "applied"
+    what = "a revert of the series" if reverse else "an apply of the series"
+    journal.change(_journal(target), target.root, plan, what)
     return Outcome(True, f"{verb} the series of vLLM {release.version} in {target.root}")
 
 
@@ -294,7 +353,7 @@ def _site_rel(target: Target, path: Path) -> str:
 def _preflight_apply_site(target: Target, release: Release) -> dict:
     assert target.dist_info is not None
     backup = target.dist_info / BACKUP_DIR
-    if backup.exists():
+    if backup.exists() and any(p.is_file() for p in backup.rglob("*")):
         msg = f"{backup} exists from an earlier apply; run apply-patches --revert first"
         raise PatchToolError(msg)
     plan = _plan(target, release, reverse=False)
@@ -329,17 +388,18 @@ def _apply_site(target: Target, release: Release) -> Outcome:
         changes[_site_rel(target, backup / extra)] = writes[backup / extra]
     writes[record_path] = _rewrite_record(record, changes)
     _check_writable({p.parent for p in writes}, "patch a vLLM you can write to (a venv)")
-    with _transaction(target.root) as pending:
-        pending.update(writes)
+    journal.change(_journal(target), target.root, writes, "an apply of the series")
     return Outcome(True, f"applied the series of vLLM {release.version} to {target.root}")
 
 
 def _revert_site(target: Target) -> Outcome:
     writes = _preflight_revert_site(target)
     assert target.dist_info is not None
-    with _transaction(target.root) as pending:
-        pending.update(writes)
-    shutil.rmtree(target.dist_info / BACKUP_DIR)
+    backup = target.dist_info / BACKUP_DIR
+    # The backup's files go in the same change; only empty directories are left to remove.
+    writes.update({p: None for p in backup.rglob("*") if p.is_file()})
+    journal.change(_journal(target), target.root, writes, "a revert of the series")
+    shutil.rmtree(backup)
     return Outcome(True, f"restored the original files of vLLM {target.version} in {target.root}")
 
 
@@ -385,9 +445,23 @@ def apply(
 ) -> Outcome:
     """Apply (or with ``revert`` remove) the series; ``check`` only says what would happen.
 
+    A run that was interrupted before (a journal, a ``git am`` left half-done, an empty
+    backup directory) is rolled back first, and the outcome says so.
+
     :raises PatchToolError: when the target cannot take the change; nothing is changed then.
     """
     manifest = load_manifest()
+    release = _release(manifest, target)
+    recovered = _recover(target, release, check=check) if release.groups else ""
+    outcome = _apply(target, manifest, check=check, revert=revert, force=force)
+    if recovered:
+        return Outcome(outcome.changed or not check, recovered + outcome.message)
+    return outcome
+
+
+def _apply(
+    target: Target, manifest: Manifest, *, check: bool, revert: bool, force: bool
+) -> Outcome:
     st = status(target, manifest)
     release = st.release
     if not release.groups:

@@ -1,0 +1,121 @@
+"""A crash after any write of an apply or revert, then the next command: nothing half-done.
+
+The crash is real (the process dies with ``os._exit`` right after its k-th file write, in
+tests/programs/crash_after_writes.py); the next command finds the journal and rolls back.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import USER_IDENTITY, tree_snapshot
+from vllm_patches._journal import JOURNAL_NAME
+from vllm_patches.series import load_manifest
+
+CRASHER = Path(__file__).parent / "programs" / "crash_after_writes.py"
+
+
+def _run(limit: int, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, CRASHER, str(limit), *map(str, args)], capture_output=True, text=True
+    )
+
+
+def _record_is_true(site: Path) -> None:
+    record = next(site.glob("vllm-*.dist-info")) / "RECORD"
+    rows = {r[0]: r for r in csv.reader(record.read_text().splitlines())}
+    for rel, row in rows.items():
+        if row[1]:
+            data = (site / rel).read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert row[1:] == [f"sha256={digest}", str(len(data))], rel
+    listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
+    assert listed <= set(rows)
+
+
+@pytest.fixture(params=["site", "tree"])
+def target(request, fake_site, plain_tree):
+    """(the arguments that name the target, its root) for an installed vLLM and a plain tree."""
+    if request.param == "site":
+        python, site = fake_site("0.21.0")
+        return ["--python", python], site
+    tree = plain_tree("0.21.0")
+    return [tree], tree
+
+
+@pytest.mark.parametrize("revert", [False, True], ids=["apply", "revert"])
+def test_a_crash_after_any_write_is_rolled_back_by_the_next_command(target, revert):
+    args, root = target
+    op = ["--revert"] if revert else []
+    if revert:
+        assert _run(0, *args).returncode == 0
+    start = tree_snapshot(root)
+    full = _run(0, *op, *args)
+    assert full.returncode == 0, full.stderr
+    writes = int(full.stdout.split("WRITES ")[-1])
+    done = tree_snapshot(root)
+    assert writes >= 3  # the journal and at least two files
+    back = [] if revert else ["--revert"]
+    assert _run(0, *back, *args).returncode == 0
+    assert tree_snapshot(root) == start
+    for k in range(1, writes + 1):
+        crashed = _run(k, *op, *args)
+        assert crashed.returncode == 70, (k, crashed.stderr)
+        # --check tells the truth: the real command has something to roll back first.
+        check = _run(0, "--check", *op, *args)
+        assert check.returncode == 1 and "interrupted" in check.stderr, (k, check.stderr)
+        again = _run(0, *op, *args)
+        assert again.returncode == 0, (k, again.stderr)
+        assert "that was interrupted in" in again.stdout, (k, again.stdout)
+        assert tree_snapshot(root) == done, k
+        assert not list(root.rglob(JOURNAL_NAME))
+        if args[0] == "--python":
+            _record_is_true(root)
+        assert _run(0, *back, *args).returncode == 0
+        assert tree_snapshot(root) == start, k
+
+
+def test_an_empty_backup_directory_does_not_block_apply(fake_site):
+    python, site = fake_site("0.21.0")
+    backup = next(site.glob("vllm-*.dist-info")) / "vllm_lmcache_mp" / "originals"
+    backup.mkdir(parents=True)
+    check = _run(0, "--check", "--python", python)
+    assert check.returncode == 0 and "will be removed" in check.stdout
+    assert backup.is_dir()  # --check changes nothing
+    done = _run(0, "--python", python)
+    assert done.returncode == 0 and "removed the empty" in done.stdout, done.stderr
+    _record_is_true(site)
+
+
+@pytest.mark.parametrize("in_progress", [False, True], ids=["killed-between", "am-in-progress"])
+def test_a_killed_git_apply_is_taken_back_by_the_next_command(git_tree, apply_cli, in_progress):
+    """What a SIGKILL during ``git am`` leaves: the series branch with part of the series."""
+    tree = git_tree("0.21.0")
+    release = load_manifest().release("0.21.0")
+    patches = [str(p) for p in release.patch_files]
+    branch = release.branch
+    git = ["git", *USER_IDENTITY]
+    for args in (
+        ["switch", "-q", "-c", branch],
+        ["config", f"branch.{branch}.vllm-lmcache-mp-from", "main"],
+        ["am", "-q", "-3", "--keep-non-patch", *patches[:3]],
+    ):
+        subprocess.run([*git, *args], cwd=tree, check=True, capture_output=True)
+    if in_progress:  # the third patch again: git am stops half-way, as a kill would leave it
+        stopped = subprocess.run([*git, "am", "-q", patches[2]], cwd=tree, capture_output=True)
+        assert stopped.returncode != 0 and (tree / ".git" / "rebase-apply").exists()
+    code, _, err = apply_cli("--check", tree)
+    assert code == 1 and "was interrupted (3 of 9 patches)" in err
+    code, out, err = apply_cli(tree)
+    assert code == 0, err
+    assert out.startswith(f"took back an interrupted apply in {tree} (back on main, {branch}")
+    assert f"applied 9 patches to {tree} on branch {branch}" in out
+    assert not (tree / ".git" / "rebase-apply").exists()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True)
+    assert status.stdout == b""
