@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,35 @@ def test_a_patch_found_upstream_is_marked_backport():
         "Subject: [PATCH] x\n\nBody.\n\nUpstream-Status: Backport [vllm-project/vllm#1, v0.40.0]\n"
         "Last-Update: 2026-11-24\n"
     )
+
+
+def test_sigterm_while_the_series_is_written_leaves_the_project_as_it_was(tmp_path):
+    project = project_copy(tmp_path, "0.22.0")
+    before = _series_state(project)
+    manifest = (project / "patches" / "series.toml").read_text()
+    work = tmp_path / "work"
+    program = Path(__file__).parent / "programs" / "term_during.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            program,
+            "vllm_patches.rebase:regenerate",
+            "rebase_main",
+            "--onto",
+            "0.22.0",
+            "--workdir",
+            work,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(project / "tools")},
+        check=False,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("error: interrupted; what had been changed was put back")
+    assert _series_state(project) == before
+    assert (project / "patches" / "series.toml").read_text() == manifest
+    # The replay itself is still there to continue or abort.
+    proc = run_tool(project, "rebase-patches", "--abort", "--workdir", work)
+    assert proc.returncode == 0, proc.stderr
+    assert _series_state(project) == before

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import USER_IDENTITY, tree_snapshot
+from vllm_patches import _journal as journal
 from vllm_patches._journal import JOURNAL_NAME
-from vllm_patches.series import load_manifest
+from vllm_patches.apply import journal_of
+from vllm_patches.series import CONNECTOR, load_manifest
+from vllm_patches.targets import installed_vllm
 
 CRASHER = Path(__file__).parent / "programs" / "crash_after_writes.py"
 
@@ -119,3 +122,21 @@ def test_a_killed_git_apply_is_taken_back_by_the_next_command(git_tree, apply_cl
     assert not (tree / ".git" / "rebase-apply").exists()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=tree, capture_output=True)
     assert status.stdout == b""
+
+
+def test_a_test_run_killed_midway_leaves_an_install_the_next_command_heals(fake_site, apply_cli):
+    """prepare-upstream-pr and `test` lay files over a cached install for a while."""
+    python, site = fake_site("0.21.0")
+    target = installed_vllm(str(python))
+    before = tree_snapshot(site)
+    held = journal.temporarily(
+        journal_of(target), target.root, {site / CONNECTOR: b"# 0002 only\n"}, "a test run"
+    )
+    held.__enter__()  # the process is killed inside the block: it never leaves it
+    assert (site / CONNECTOR).read_bytes() == b"# 0002 only\n"
+    code, out, err = apply_cli("--python", python)
+    assert code == 0, err
+    assert out.startswith(f"rolled back a test run that was interrupted in {site}; applied")
+    code, _, err = apply_cli("--revert", "--python", python)
+    assert code == 0, err
+    assert tree_snapshot(site) == before

@@ -129,7 +129,6 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 def _cmd_wheel(args: argparse.Namespace) -> int:
     from vllm_patches import wheels
-    from vllm_patches._proc import stopped_on_signals
 
     if args.from_source:
         path = wheels.build_from_source(args.version, args.target_device, args.out)
@@ -139,8 +138,7 @@ def _cmd_wheel(args: argparse.Namespace) -> int:
             from vllm_patches.sources import download_wheel
 
             source = download_wheel(args.version)
-        with stopped_on_signals():  # SIGTERM too leaves no .part behind
-            path = wheels.repack(source, args.out, force=args.force, version=args.version)
+        path = wheels.repack(source, args.out, force=args.force, version=args.version)
     print(path)
     return 0
 
@@ -403,8 +401,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
+    from vllm_patches._proc import stopped_on_signals
+
     try:
-        return args.func(args)
+        with stopped_on_signals():  # SIGTERM (kill, timeout, Kubernetes) is handled as Ctrl-C
+            return args.func(args)
     except ReportedError as exc:
         print(exc.report)
         print(f"error: {exc}", file=sys.stderr)
@@ -413,7 +414,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was left half-written", file=sys.stderr)
+        print(
+            "error: interrupted; what had been changed was put back (a crash is rolled back by "
+            "the next command on the same target)",
+            file=sys.stderr,
+        )
         return 130
 
 

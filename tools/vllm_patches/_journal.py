@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vllm_patches._fs import write_atomic
@@ -34,6 +36,28 @@ def change(journal: Path, root: Path, writes: dict[Path, bytes | None], what: st
     :param what: what the change is, for the message of whoever rolls it back.
     :raises PatchToolError: a write failed; every file was restored (the journal removed).
     """
+    _begin(journal, root, writes, what)
+    journal.unlink()
+
+
+@contextmanager
+def temporarily(
+    journal: Path, root: Path, writes: dict[Path, bytes | None], what: str
+) -> Iterator[None]:
+    """Write ``writes`` for the duration of the ``with`` block, then put the originals back.
+
+    The journal stays until the originals are back: a process killed inside the block is
+    rolled back by the next command that looks at ``journal``.
+    """
+    _begin(journal, root, writes, what)
+    try:
+        yield
+    finally:
+        roll_back(journal, root)
+
+
+def _begin(journal: Path, root: Path, writes: dict[Path, bytes | None], what: str) -> None:
+    """Write the journal, then the files; on any failure put everything back."""
     originals = {
         path.relative_to(root).as_posix(): _encode(path.read_bytes() if path.is_file() else None)
         for path in writes
@@ -49,7 +73,6 @@ def change(journal: Path, root: Path, writes: dict[Path, bytes | None], what: st
     except BaseException:
         roll_back(journal, root)  # Ctrl-C, SIGTERM (as KeyboardInterrupt): nothing half-done
         raise
-    journal.unlink()
 
 
 def roll_back(journal: Path, root: Path) -> str | None:

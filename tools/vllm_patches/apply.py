@@ -208,6 +208,18 @@ def _recover_git(target: Target, release: Release, *, check: bool) -> str:
     return f"took back an interrupted apply in {root} (back on {origin}, {branch} deleted); "
 
 
+def recover(target: Target) -> str:
+    """Roll back what an interrupted run left on ``target``; say what ('' when nothing)."""
+    manifest = load_manifest()
+    release = _release(manifest, target)
+    return _recover(target, release, check=False) if release.groups else ""
+
+
+def journal_of(target: Target) -> Path:
+    """Where a change to ``target`` keeps its journal while it runs (for other writers)."""
+    return _journal(target)
+
+
 def _recover(target: Target, release: Release, *, check: bool) -> str:
     """Finish off what an interrupted run left; say what was done ('' when nothing was)."""
     if target.kind == "git":

@@ -19,7 +19,7 @@ from packaging.version import Version
 
 from vllm_patches._git import run_git
 from vllm_patches._proc import stopped_on_signals
-from vllm_patches.apply import apply, status
+from vllm_patches.apply import apply, recover, status
 from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
@@ -272,6 +272,7 @@ def _measure_row(
     result["setup_seconds"][version] = round(time.monotonic() - start, 1)
     start = time.monotonic()
     site = installed_vllm(str(python))
+    recover(site)
     if status(site).overall == "patched":
         apply(site, revert=True)
     rows: dict[str, Cell] = {lm: {} for lm in mine}

@@ -12,15 +12,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vllm_patches import _journal as journal
 from vllm_patches._fs import write_atomic
 from vllm_patches._proc import run_subprocess
-from vllm_patches.apply import apply, status
+from vllm_patches.apply import apply, journal_of, recover, status
 from vllm_patches.envs import TEST_DEPS, default_lmcache, pip, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import group_results
 from vllm_patches.series import load_manifest
 from vllm_patches.sources import cache_root, fetch_sdist
-from vllm_patches.targets import installed_vllm
+from vllm_patches.targets import Target, installed_vllm
 
 UNIT_DIR = "tests/v1/kv_connector/unit"
 # facebook/opt-125m's public config.json (model card values; no weights): most of vLLM's
@@ -177,16 +178,16 @@ def _pytest(
 
 
 @contextmanager
-def _installed(site: Path, files: dict[str, bytes | None]) -> Iterator[None]:
-    """Lay ``files`` over the installed vLLM for the duration, then put the originals back."""
-    originals = {p: (site / p).read_bytes() if (site / p).is_file() else None for p in files}
-    try:
-        for path, data in files.items():
-            write_atomic(site / path, data)
+def _installed(site: Target, files: dict[str, bytes | None]) -> Iterator[None]:
+    """Lay ``files`` over the installed vLLM for the duration, then put the originals back.
+
+    Written under the target's journal: a run killed in between is rolled back by the next
+    command on that install (this one, apply-patches, matrix), so the cached venv heals.
+    """
+    root = site.root
+    writes = {root / p: d for p, d in files.items()}
+    with journal.temporarily(journal_of(site), root, writes, "a test run's files"):
         yield
-    finally:
-        for path, data in originals.items():
-            write_atomic(site / path, data)
 
 
 def run_vllm_tests(
@@ -213,6 +214,7 @@ def run_vllm_tests(
     python = vllm_env(version, lmcache)
     pip(python, "install", "-q", "torch==2.13.0", *TEST_DEPS)
     site = installed_vllm(str(python))
+    recover(site)
     if status(site, manifest).overall != "unpatched":
         apply(site, revert=True)
     work = cache_root() / "vllm-tests" / version
@@ -227,7 +229,7 @@ def run_vllm_tests(
     for path, data in tests.items():
         write_atomic(src / path, data)
     installed = {p: d for p, d in change.items() if p.startswith("vllm/")}
-    with _installed(site.root, installed):
+    with _installed(site, installed):
         patched = _pytest(python, src, work, paths + extra, ignore=[], name="patched")
     regressions = sorted(
         t
