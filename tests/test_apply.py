@@ -15,6 +15,9 @@ def _overlay(manifest, version: str) -> bytes:
     return (OVERLAY_DIR / group.name / CONNECTOR).read_bytes()
 
 
+FACTORY = "vllm/distributed/kv_transfer/kv_connector/factory.py"
+
+
 def _git(tree, *args: str) -> str:
     """git as a user with an identity (the suite itself runs without any git config)."""
     return subprocess.run(
@@ -304,3 +307,20 @@ def test_site_modified_after_patching(fake_site, apply_cli):
     code, _, err = apply_cli("--revert", "--python", python)
     assert code == 1 and "matches neither" in err
     assert tree_snapshot(site) == before
+
+
+def test_plain_tree_with_one_file_restored_can_be_applied_and_reverted(plain_tree, apply_cli):
+    tree = plain_tree("0.19.1")
+    original = (tree / CONNECTOR).read_bytes()
+    assert apply_cli(tree)[0] == 0
+    patched = {p: (tree / p).read_bytes() for p in (CONNECTOR, FACTORY)}
+    (tree / CONNECTOR).write_bytes(original)  # one of the two files put back by hand
+    code, out, err = apply_cli(tree)
+    assert code == 0, err
+    assert {p: (tree / p).read_bytes() for p in patched} == patched
+    (tree / CONNECTOR).write_bytes(original)
+    code, out, err = apply_cli("--revert", tree)
+    assert code == 0, err
+    assert (tree / CONNECTOR).read_bytes() == original
+    code, out, _ = apply_cli("--revert", tree)
+    assert out.endswith("is not patched: nothing to revert\n")

@@ -140,3 +140,22 @@ def test_a_test_run_killed_midway_leaves_an_install_the_next_command_heals(fake_
     code, _, err = apply_cli("--revert", "--python", python)
     assert code == 0, err
     assert tree_snapshot(site) == before
+
+
+def test_sigterm_during_a_git_apply_goes_back_to_the_users_branch(git_tree):
+    tree = git_tree("0.21.0")
+    before = tree_snapshot(tree)
+    program = Path(__file__).parent / "programs" / "term_during.py"
+    proc = subprocess.run(
+        [sys.executable, program, "vllm_patches.apply:_identity_env", "apply_main", tree],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("error: interrupted; what had been changed was put back")
+    head = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=tree, capture_output=True, text=True
+    )
+    assert head.stdout.strip() == "main"
+    assert tree_snapshot(tree) == before  # no series branch, no git am in progress

@@ -302,8 +302,13 @@ def _check_writable(dirs: set[Path], what: str) -> None:
 
 def _plan(target: Target, release: Release, *, reverse: bool) -> dict[Path, bytes | None]:
     plan: dict[Path, bytes | None] = {}
+    done = "unpatched" if reverse else "patched"
     for group in _groups(release, target):
         data = _read(target, group.path)
+        # A plain tree may hold one file already as wanted (restored by hand, say): the
+        # others still go. Installed targets keep their backups whole, so never mix there.
+        if target.kind == "tree" and group.state(data)[0] == done:
+            continue
         try:
             plan[target.root / group.path] = _transform(group, data, reverse=reverse)
         except PatchToolError:
