@@ -90,13 +90,13 @@ def test_plain_tree_round_trip(manifest, plain_tree, cli, apply_cli, version):
 def test_unknown_newer_release_asks_for_a_rebase(git_tree, cli, apply_cli):
     tree = git_tree("0.33.0")
     before = tree_snapshot(tree)
-    code, out, err = cli("status", tree, "--version", "0.99.0")
+    code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
     assert code == 1 and out == ""
     assert err == (
         "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.33.0); "
         "run tools/rebase-patches --onto 0.99.0\n"
     )
-    assert apply_cli(tree, "--version", "0.99.0")[:2] == (1, "")
+    assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
     assert tree_snapshot(tree) == before
 
 
@@ -156,7 +156,11 @@ def test_release_older_than_the_series(plain_tree, apply_cli):
 def test_unsupported_release(git_tree, apply_cli):
     tree = git_tree("0.21.0")
     _refused(
-        apply_cli, tree, "--version", "0.21.7", match="vLLM 0.21.7 has no series (supported: 0.12.0"
+        apply_cli,
+        tree,
+        "--vllm-version",
+        "0.21.7",
+        match="vLLM 0.21.7 has no series (supported: 0.12.0",
     )
 
 

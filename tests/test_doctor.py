@@ -6,10 +6,18 @@ import json
 
 import pytest
 from vllm_patches.apply import apply
-from vllm_patches.doctor import PAIRING_TABLE, Diagnosis, diagnose, diagnose_layers
+from vllm_patches.doctor import Diagnosis, diagnose, diagnose_layers
 from vllm_patches.envs import lmcache_layer, vllm_env
 from vllm_patches.errors import PatchToolError
-from vllm_patches.matrix import disagreements, merge, run_matrix, shard_of, starts_with, verdict
+from vllm_patches.matrix import (
+    disagreements,
+    merge,
+    run_matrix,
+    shard_of,
+    shipped,
+    starts_with,
+    verdict,
+)
 from vllm_patches.targets import installed_vllm
 
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
@@ -59,7 +67,7 @@ def test_doctor_patched(python, cli, monkeypatch, capsys):
         code, out, _ = cli("doctor", "--python", python)
         assert code == 2 and "verdict: will fail when the engine starts: " in out
         # The advice comes from the pairing table shipped in matrix/matrix.json.
-        working = starts_with(json.loads(PAIRING_TABLE.read_text()), "0.21.0", "patched")
+        working = starts_with(shipped(), "0.21.0", "patched")
         assert f"fix: with the series applied, install lmcache {working}\n" in out
         assert "0.5.3" in working
     finally:

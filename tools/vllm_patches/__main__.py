@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,15 +12,70 @@ from pathlib import Path
 from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.sources import release_arg
 
+STATUS_EXIT = {"patched": 0, "upstream": 0, "unpatched": 3, "modified": 4}
+"""``status`` exit codes, so that a pipeline can gate on them (1 is an error, as everywhere)."""
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm-lmcache-mp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A top-level parser: ``--version`` is the tool's, ``-v`` works before or after a command."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_tool_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    return parser
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every subcommand takes too (so ``-v`` may follow the command)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what is run"
+    )
+    return common
+
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", type=Path, help="a vLLM git checkout or source tree")
+    parser.add_argument(
+        "target", nargs="?", type=Path, help="a vLLM git checkout or an unpacked vLLM source tree"
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--site", action="store_true", help="the vLLM installed in this Python")
-    where.add_argument("--python", metavar="PATH", help="the vLLM installed in that Python")
-    parser.add_argument(
-        "--version", type=release_arg, help="the vLLM release, if it cannot be detected"
+    where.add_argument(
+        "--python", metavar="PATH", help="the vLLM installed in that Python (its venv's python)"
     )
+    parser.add_argument(
+        "--vllm-version",
+        type=release_arg,
+        metavar="VERSION",
+        help="the vLLM release, if it cannot be detected",
+    )
+
+
+def _apply_args(parser: argparse.ArgumentParser, *, revert_flag: bool) -> None:
+    _target_args(parser)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="run every check the real command runs and say what it would do; change nothing "
+        "(exit 1 where it would refuse)",
+    )
+    if revert_flag:
+        parser.add_argument("--revert", action="store_true", help="take the series off again")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="go on despite a locally modified vLLM file (never over uncommitted git changes)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    parser.set_defaults(func=_cmd_apply)
 
 
 def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the CLI cheap
@@ -28,7 +84,19 @@ def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the C
     if args.target is not None and (args.site or args.python):
         msg = "give either a tree or --site/--python, not both"
         raise PatchToolError(msg)
-    return resolve_target(args.target, site=args.site, python=args.python, version=args.version)
+    return resolve_target(
+        args.target, site=args.site, python=args.python, version=args.vllm_version
+    )
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    import json
+
+    from vllm_patches import matrix
+
+    answer = matrix.pairs(matrix.shipped(), args.version)
+    print(json.dumps(answer, indent=2) if args.json else "\n".join(matrix.pairs_lines(answer)))
+    return 0 if answer["recommended"] else 2
 
 
 def _cmd_checkout(args: argparse.Namespace) -> int:
@@ -39,14 +107,24 @@ def _cmd_checkout(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
     from vllm_patches.apply import status
 
-    print("\n".join(status(_target(args)).lines()))
-    return 0
+    st = status(_target(args))
+    if args.json:
+        print(json.dumps(st.as_dict(), indent=2))
+    else:
+        print("\n".join(st.lines()))
+    return STATUS_EXIT[st.overall]
 
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
     from vllm_patches.overlay import regenerate
+    from vllm_patches.series import require_clone
+
+    if not args.check:
+        require_clone("overlay")
 
     report = regenerate(check=args.check)
     for line in report:
@@ -147,6 +225,11 @@ def _cmd_verify_wheel(args: argparse.Namespace) -> int:
     from vllm_patches.wheels import verify
 
     problems = verify(args.path)
+    if args.json:
+        import json
+
+        print(json.dumps({"wheel": str(args.path), "ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     if problems:
         msg = f"{args.path.name}: " + "; ".join(problems[:5])
         raise PatchToolError(msg)
@@ -158,11 +241,20 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from vllm_patches.apply import apply
 
     outcome = apply(_target(args), check=args.check, revert=args.revert, force=args.force)
-    print(outcome.message)
+    if args.json:
+        import json
+
+        print(json.dumps({"changed": outcome.changed, "message": outcome.message}))
+    else:
+        print(outcome.message)
     return 0
 
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
+    from vllm_patches.series import require_clone, require_contrib
+
+    require_clone("rebase-patches")
+    require_contrib("rebase-patches")
     from vllm_patches import rebase
 
     if args.abort:
@@ -186,13 +278,18 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
     return 0
 
 
+REBASE_HELP = "Carry the series onto another vLLM release with git am -3 (needs a clone)."
+UPSTREAM_HELP = "Prepare 0002 + 0003 as a pull request against vLLM's newest supported release."
+
+
 def rebase_parser() -> argparse.ArgumentParser:
-    """The ``rebase-patches`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="rebase-patches",
-        description="Carry the series onto another vLLM release with git am -3.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    """The ``rebase-patches`` parser (also ``vllm-patches rebase``)."""
+    parser = _parser("rebase-patches", REBASE_HELP)
+    _rebase_args(parser)
+    return parser
+
+
+def _rebase_args(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(
         "--onto",
@@ -218,10 +315,12 @@ def rebase_parser() -> argparse.ArgumentParser:
         "--workdir", type=Path, metavar="DIR", help="where the replay runs (default: in the cache)"
     )
     parser.set_defaults(func=_cmd_rebase)
-    return parser
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
+    from vllm_patches.series import require_contrib
+
+    require_contrib("prepare-upstream-pr")
     from vllm_patches import upstream
 
     base = args.base or upstream.newest_release()
@@ -246,18 +345,27 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
 
 
 def upstream_parser() -> argparse.ArgumentParser:
-    """The ``prepare-upstream-pr`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="prepare-upstream-pr",
-        description="Prepare 0002 + 0003 as a pull request against vLLM's newest release.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
+    """The ``prepare-upstream-pr`` parser (also ``vllm-patches upstream-pr``)."""
+    parser = _parser("prepare-upstream-pr", UPSTREAM_HELP)
+    _upstream_args(parser)
+    return parser
+
+
+def _upstream_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", metavar="VERSION", type=release_arg, help="default: the newest supported release"
     )
-    parser.add_argument("--out", type=Path, help="default: ./upstream-pr-vVERSION")
-    parser.add_argument("--checkout", type=Path, metavar="DIR", help="your vLLM git checkout")
-    parser.add_argument("--branch", default="lmcache-mp-connector-hardening")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="for the patches, PR.md and checks (default: ./upstream-pr-vVERSION)",
+    )
+    parser.add_argument(
+        "--checkout", type=Path, metavar="DIR", help="your vLLM git checkout (default: a fresh one)"
+    )
+    parser.add_argument(
+        "--branch", default="lmcache-mp-connector-hardening", help="the branch to commit on"
+    )
     parser.add_argument(
         "--lmcache", type=release_arg, help="lmcache release for the tests (default: of its time)"
     )
@@ -276,11 +384,10 @@ def upstream_parser() -> argparse.ArgumentParser:
         "nothing is added unless you pass this)",
     )
     parser.set_defaults(func=_cmd_upstream)
-    return parser
 
 
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="which connector will run here, and will it start?")
+    p = _command(sub, "doctor", "which connector will run here, and will it start?")
     p.add_argument("--python", metavar="PATH", help="the environment to check (default: this)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     how = p.add_mutually_exclusive_group()
@@ -297,39 +404,13 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_doctor)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``vllm-patches`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="vllm-patches", description="Carry the LMCacheMPConnector series onto vLLM."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _command(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, parents=[_common()])
 
-    p = sub.add_parser("checkout", help="make a git checkout of a vLLM release from its sdist")
-    p.add_argument("version", type=release_arg)
-    p.add_argument("--dest", type=Path, help="where (default: the cached checkout)")
-    p.set_defaults(func=_cmd_checkout)
 
-    p = sub.add_parser("status", help="unpatched, patched, upstream or modified")
-    _target_args(p)
-    p.set_defaults(func=_cmd_status)
-
-    p = sub.add_parser("overlay", help="regenerate vllm_overlay/ and the manifest hashes")
-    p.add_argument("--check", action="store_true", help="only report differences")
-    p.set_defaults(func=_cmd_overlay)
-
-    p = sub.add_parser("prove", help="install vLLM, apply the series, show the resolved class")
-    p.add_argument("version", type=release_arg)
-    p.add_argument(
-        "--lmcache",
-        type=release_arg,
-        help="lmcache release (default: one of the vLLM release's time)",
-    )
-    p.set_defaults(func=_cmd_prove)
-
-    _add_doctor(sub)
-
-    p = sub.add_parser("matrix", help="vLLM x lmcache pairing table, unpatched and patched")
+def _add_release_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands about a vLLM release rather than a target: matrix, wheel, test."""
+    p = _command(sub, "matrix", "vLLM x lmcache pairing table, unpatched and patched")
     p.add_argument(
         "--vllm",
         nargs="+",
@@ -352,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
     p.set_defaults(func=_cmd_matrix)
 
-    p = sub.add_parser("wheel", help="a patched vLLM wheel: repack the official one, or build")
-    p.add_argument("version", type=release_arg)
+    p = _command(sub, "wheel", "a patched vLLM wheel: repack the official one, or build")
+    p.add_argument("version", type=release_arg, help="the vLLM release")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--from-wheel", type=Path, metavar="PATH", help="the official wheel")
     source.add_argument("--download", action="store_true", help="fetch it through pip (default)")
@@ -363,12 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace files that are not the originals")
     p.set_defaults(func=_cmd_wheel)
 
-    p = sub.add_parser("verify-wheel", help="check a patched wheel's RECORD, version, overlay")
-    p.add_argument("path", type=Path)
+    p = _command(sub, "verify-wheel", "check a patched wheel's RECORD, version, overlay")
+    p.add_argument("path", type=Path, help="the patched wheel")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_verify_wheel)
 
-    p = sub.add_parser("test", help="run vLLM's connector unit tests, unpatched vs patched")
-    p.add_argument("version", type=release_arg)
+    p = _command(sub, "test", "run vLLM's connector unit tests, unpatched vs patched")
+    p.add_argument("version", type=release_arg, help="the vLLM release")
     p.add_argument(
         "--lmcache",
         type=release_arg,
@@ -377,22 +459,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report directory (default: ./vllm-tests-VERSION)")
     p.add_argument("--tests", nargs="+", metavar="PATH", help="default: tests/v1/kv_connector/unit")
     p.set_defaults(func=_cmd_test)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vllm-patches`` parser."""
+    parser = _parser("vllm-patches", "Carry the LMCacheMPConnector series onto vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "apply", "apply the series to a vLLM checkout, tree or install")
+    _apply_args(p, revert_flag=False)
+    p.set_defaults(revert=False)
+
+    p = _command(sub, "revert", "take the series off a vLLM checkout, tree or install again")
+    _apply_args(p, revert_flag=False)
+    p.set_defaults(revert=True)
+
+    p = _command(sub, "pairs", "which lmcache to install for a vLLM release (pairing table)")
+    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_pairs)
+
+    p = _command(sub, "checkout", "make a git checkout of a vLLM release from its sdist")
+    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("--dest", type=Path, help="where (default: the cached checkout)")
+    p.set_defaults(func=_cmd_checkout)
+
+    p = _command(
+        sub,
+        "status",
+        "unpatched, patched, upstream or modified (exit 0 patched or upstream, 3 unpatched, "
+        "4 modified)",
+    )
+    _target_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
+
+    p = _command(sub, "overlay", "regenerate vllm_overlay/ and the manifest hashes")
+    p.add_argument("--check", action="store_true", help="only report differences")
+    p.set_defaults(func=_cmd_overlay)
+
+    p = _command(sub, "prove", "install vLLM, apply the series, show the resolved class")
+    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument(
+        "--lmcache",
+        type=release_arg,
+        help="lmcache release (default: one of the vLLM release's time)",
+    )
+    p.set_defaults(func=_cmd_prove)
+
+    _add_doctor(sub)
+
+    _add_release_commands(sub)
+    _rebase_args(_command(sub, "rebase", REBASE_HELP))
+    _upstream_args(_command(sub, "upstream-pr", UPSTREAM_HELP))
     return parser
 
 
 def apply_parser() -> argparse.ArgumentParser:
     """The ``apply-patches`` parser."""
-    parser = argparse.ArgumentParser(
-        prog="apply-patches", description="Apply the LMCacheMPConnector series to a vLLM target."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
-    _target_args(parser)
-    parser.add_argument(
-        "--check", action="store_true", help="say what would happen, change nothing"
-    )
-    parser.add_argument("--revert", action="store_true", help="take the series off again")
-    parser.add_argument("--force", action="store_true", help="go on despite local changes")
-    parser.set_defaults(func=_cmd_apply)
+    parser = _parser("apply-patches", "Apply the LMCacheMPConnector series to a vLLM target.")
+    _apply_args(parser, revert_flag=True)
     return parser
 
 
@@ -412,6 +538,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return 1
     except PatchToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader has gone, nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115, PTH123 - keeps the exit quiet
         return 1
     except KeyboardInterrupt:
         print(

@@ -49,6 +49,17 @@ class Status:
     files: dict[str, str] = field(default_factory=dict)
     """Per file: ``unpatched``, ``patched``, ``partial`` or ``modified``."""
 
+    def as_dict(self) -> dict:
+        """What ``status --json`` prints."""
+        return {
+            "overall": self.overall,
+            "kind": self.target.kind,
+            "root": str(self.target.root),
+            "vllm": self.target.version,
+            "patches": dict(sorted(self.patches.items())),
+            "files": self.files,
+        }
+
     def lines(self) -> list[str]:
         detail = ", ".join(f"{n} {s}" for n, s in sorted(self.patches.items()))
         return [self.overall, f"{self.target.describe()}: {detail or 'no patches'}"]

@@ -15,7 +15,8 @@ from vllm_patches._proc import run_subprocess, stopped_on_signals
 from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
 from vllm_patches.lmcache_server import ServerPool
-from vllm_patches.series import CONNECTOR, OVERLAY_DIR, REPO_ROOT
+from vllm_patches.matrix import shipped, starts_with
+from vllm_patches.series import CONNECTOR, OVERLAY_DIR
 from vllm_patches.targets import installed_vllm
 
 CHECKER_PARTS = {
@@ -25,7 +26,6 @@ CHECKER_PARTS = {
     "_rejects_str",
     "_CONTAINER_ANNOTATION",
 }
-PAIRING_TABLE = REPO_ROOT / "matrix" / "matrix.json"
 _SCRIPT = r"""
 import ast, importlib, importlib.metadata as md, inspect, json, os, pkgutil, re, sys
 from types import ModuleType
@@ -178,11 +178,8 @@ def _defines(node: ast.stmt) -> set[str]:
 
 def _lmcache_advice(vllm_version: str) -> str:
     """Which lmcache releases the shipped pairing table (``matrix/matrix.json``) says work."""
-    from vllm_patches.matrix import starts_with  # the table's reader; it imports this module
-
     release = Version(vllm_version).public
-    table = json.loads(PAIRING_TABLE.read_text()) if PAIRING_TABLE.is_file() else {"cells": {}}
-    working = starts_with(table, release, "patched")
+    working = starts_with(shipped(), release, "patched")
     if working == "none":
         return (
             f"install an lmcache release whose connector fits vLLM {release} "

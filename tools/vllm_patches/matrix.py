@@ -519,3 +519,86 @@ that lmcache release runs here. Not measured (no GPU): the worker's KV cache reg
 the KV transfer itself.
 
 """
+
+
+def shipped() -> dict:
+    """The pairing table this project ships (``matrix/matrix.json``): the one reader of it."""
+    path = REPO_ROOT / "matrix" / "matrix.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read the shipped pairing table {path} ({exc}); reinstall vllm-lmcache-mp"
+        raise PatchToolError(msg) from None
+
+
+def pairs(result: dict, version: str) -> dict:
+    """Which lmcache to install for vLLM ``version``: the recommendation and what it rests on.
+
+    The recommendation is the newest lmcache release with which the patched vLLM works when
+    built for real and whose pins fit vLLM's; else the newest that works, pins named.
+    """
+    release = Version(version).public
+    versions, lmcaches = _axes(result)
+    if release not in versions:
+        msg = (
+            f"vLLM {release} is not in the pairing table ({versions[0]} … {versions[-1]}); "
+            "measure it with vllm-patches matrix --vllm " + release
+        )
+        raise PatchToolError(msg)
+    rows = []
+    for lm in reversed(lmcaches):
+        cell = result["cells"].get(f"{release}|{lm}")
+        if cell is None or "install_error" in cell:
+            continue
+        rows.append(
+            {
+                "lmcache": lm,
+                "patched": verdict(cell, "patched"),
+                "unpatched": verdict(cell, "unpatched"),
+                "connector": _connector(cell["patched"]),
+                "pin_conflicts": cell["pin_conflicts"],
+            }
+        )
+    working = [r for r in rows if r["patched"] == "works"]
+    fitting = [r for r in working if not r["pin_conflicts"]]
+    return {
+        "vllm": release,
+        "recommended": (fitting or working or [None])[0],
+        "works_patched": starts_with(result, release, "patched"),
+        "works_unpatched": starts_with(result, release, "unpatched"),
+        "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
+        "measured": result.get("measured", {}),
+    }
+
+
+def pairs_lines(answer: dict) -> list[str]:
+    """``pairs`` for people."""
+    best = answer["recommended"]
+    if best is None:
+        head = f"vLLM {answer['vllm']}: no lmcache release works with it when built for real here"
+    else:
+        pins = (
+            "; its pins conflict with vLLM's: " + ", ".join(best["pin_conflicts"])
+            if best["pin_conflicts"]
+            else "; pins fit"
+        )
+        head = (
+            f"vLLM {answer['vllm']}: install lmcache=={best['lmcache']} and apply the series "
+            f"(connector: {best['connector']}{pins})"
+        )
+    lines = [
+        head,
+        f"works patched with lmcache: {answer['works_patched']}",
+        f"works unpatched with lmcache: {answer['works_unpatched']}",
+    ]
+    if answer["not_built"]:
+        lines.append(
+            "not built here (no server of that lmcache release runs on a CPU): "
+            + ", ".join(answer["not_built"])
+        )
+    stamp = answer["measured"]
+    if stamp:
+        lines.append(
+            f"measured {stamp.get('date')} (vllm-lmcache-mp {stamp.get('commit', '')[:12]})"
+        )
+    return lines

@@ -9,6 +9,8 @@ patch is stored once however many releases share its base.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import importlib.util
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -18,13 +20,46 @@ from packaging.version import Version
 
 from vllm_patches.errors import PatchToolError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
+def _data_root() -> Path:
+    """Where ``patches/``, ``vllm_overlay/`` and ``matrix/`` are: the top level of a clone of
+    this project, or the read-only copy inside the installed package (``vllm_patches/data``)."""
+    clone = Path(__file__).resolve().parents[2]
+    if (clone / "patches" / "series.toml").is_file():
+        return clone
+    return Path(str(importlib.resources.files("vllm_patches"))) / "data"
+
+
+REPO_ROOT = _data_root()
+IN_CLONE = REPO_ROOT.name != "data" or (REPO_ROOT / ".git").exists()
+"""Whether the series is a contributor's clone (writable, with git) or the installed copy."""
 PATCHES_DIR = REPO_ROOT / "patches"
 OVERLAY_DIR = REPO_ROOT / "vllm_overlay"
 MANIFEST = PATCHES_DIR / "series.toml"
 
 CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py"
 PATCH_NAME = re.compile(r"^(\d{4})-[\w.-]+\.patch$")
+
+
+def require_clone(what: str) -> None:
+    """Refuse a contributor workflow where the series is the installed, read-only copy."""
+    if not IN_CLONE:
+        msg = (
+            f"{what} changes the series, so it needs a clone of vllm-lmcache-mp (git clone, "
+            "then run tools/vllm-patches from it); this installed copy is read-only"
+        )
+        raise PatchToolError(msg)
+
+
+def require_contrib(what: str) -> None:
+    """Refuse a contributor workflow whose tools (pre-commit, pyyaml) are not installed."""
+    missing = [n for n in ("pre_commit", "yaml") if importlib.util.find_spec(n) is None]
+    if missing:
+        msg = (
+            f"{what} runs vLLM's pre-commit hooks and needs pre-commit and pyyaml; install them "
+            "with pip install 'vllm-lmcache-mp[contrib]'"
+        )
+        raise PatchToolError(msg)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -8,7 +8,6 @@ DCO sign-off by the submitter). vLLM's own hooks and tests run on them, and the
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from vllm_patches._git import (
 )
 from vllm_patches._proc import logger
 from vllm_patches.errors import PatchToolError, ReportedError
+from vllm_patches.matrix import shipped
 from vllm_patches.precommit import HookResult, run_hooks
 from vllm_patches.series import REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout
@@ -95,10 +95,7 @@ def _check_dco(tree: Path, base: str) -> None:
 
 def _measured_example() -> str:
     """lmcache 0.5.6's connector on vLLM 0.21.0, as the pairing table measured it."""
-    table = REPO_ROOT / "matrix" / "matrix.json"
-    if not table.is_file():
-        return ""
-    cell = json.loads(table.read_text())["cells"].get("0.21.0|0.5.6", {})
+    cell = shipped()["cells"].get("0.21.0|0.5.6", {})
     state = cell.get("patched", {}).get("candidates", {}).get("lmcache main", "")
     return state.removeprefix("imports: no: ") if state.startswith("imports: no: ") else ""
 
