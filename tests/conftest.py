@@ -20,6 +20,18 @@ from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
 from vllm_patches.sources import checkout, fetch_sdist
 from vllm_patches.wheels import record_hash
 
+INDEX_FIXTURES = {"git_tree", "plain_tree", "fake_site", "small_wheel"}
+"""Fixtures built from real sdists, which a fresh machine fetches from the package index."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that reach the index are ``network``: the sdist-backed fixtures, and ``slow``."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if uses & INDEX_FIXTURES or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.network)
+
+
 USER_IDENTITY = ("-c", "user.name=A User", "-c", "user.email=user@example.org")
 """What a test passes to git for commits of its own, as a user with an identity would."""
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SUPPORTED
 from packaging.version import Version
 from vllm_patches.envs import default_lmcache, lmcache_layer
@@ -29,6 +30,7 @@ def _cell(works: bool, chosen: str, conflicts: tuple[str, ...] = ()) -> dict:
     return {"unpatched": info, "patched": info, "pin_conflicts": list(conflicts)}
 
 
+@pytest.mark.network
 def test_the_shipped_table_is_full_size():
     lmcaches = final_releases("lmcache", FIRST_LMCACHE)
     assert lmcaches[0] == "0.3.9.post2" and "0.5.6" in lmcaches
@@ -122,6 +124,7 @@ def test_each_default_lmcache_fits_vllms_pins_and_works_where_that_was_measured(
         assert verdict(cell, "patched") in ("works", "not built"), version
 
 
+@pytest.mark.network
 def test_pin_conflicts_come_from_vllms_requirements_and_lmcaches_metadata():
     layer = lmcache_layer(Path(sys.executable), "0.5.3")
     # vLLM up to 0.19.0 pins transformers below 5; lmcache from 0.4.5 needs 5.4 or later.

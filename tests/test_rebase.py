@@ -22,6 +22,7 @@ def _series_state(project: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.network
 def test_rebase_021_onto_022_from_scratch(tmp_path):
     """0001 is found in 0.22.0 and dropped; the rest replays; the result is the shipped series."""
     project = project_copy(tmp_path, "0.22.0")
@@ -147,6 +148,7 @@ def _amend(work: Path, subject: str, old: str, new: str) -> None:
     subprocess.run([*git, "rebase", "--continue"], cwd=work, check=True, capture_output=True)
 
 
+@pytest.mark.network
 def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
     """vLLM 0.31.0 turned on pydocstyle rules: the replayed series stops; amended, it is written."""
     project = project_copy(tmp_path, "0.31.0")
@@ -207,6 +209,7 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+@pytest.mark.network
 def test_bad_input_changes_nothing(tmp_path, args, message):
     project = project_copy(tmp_path, "0.99.0")
     before = _series_state(project)
@@ -249,6 +252,7 @@ def test_a_patch_found_upstream_is_marked_backport():
     )
 
 
+@pytest.mark.network
 def test_sigterm_while_the_series_is_written_leaves_the_project_as_it_was(tmp_path):
     project = project_copy(tmp_path, "0.22.0")
     before = _series_state(project)

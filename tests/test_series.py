@@ -68,11 +68,13 @@ def test_manifest_covers_every_release(manifest):
     assert manifest.patches["0008"].first_release == "0.20.0"
 
 
+@pytest.mark.network
 def test_overlay_and_hashes_are_up_to_date():
     assert regenerate(check=True) == []
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
+@pytest.mark.network
 def test_base_plus_series_equals_overlay(manifest, version):
     """For every supported release, its sdist's files + its series == the overlay, byte for byte."""
     release = manifest.releases[version]
@@ -86,12 +88,14 @@ def test_base_plus_series_equals_overlay(manifest, version):
 
 
 @pytest.mark.parametrize("version", ["0.22.0", "0.33.0"])
+@pytest.mark.network
 def test_upstream_releases_carry_42596(version):
     text = read_sdist_file(version, CONNECTOR)
     assert b"class LMCacheMPConnectorUpstream(" in text
     assert b"LMCacheMPConnector = _resolve_lmcache_mp_connector()" in text
 
 
+@pytest.mark.network
 def test_0001_on_021_is_upstreams_022_file(manifest):
     """0001 is faithful: on 0.21.0 it yields exactly vLLM 0.22.0's file."""
     group = manifest.releases["0.21.0"].groups[0]
@@ -101,6 +105,7 @@ def test_0001_on_021_is_upstreams_022_file(manifest):
 
 
 @pytest.mark.parametrize("overlay", sorted(OVERLAY_DIR.rglob("*.py")), ids=lambda p: p.parts[-7])
+@pytest.mark.network
 def test_overlay_passes_vllms_ruff_config(manifest, overlay, tmp_path):
     group = manifest.groups[overlay.relative_to(OVERLAY_DIR).parts[0]]
     # Lay the file out as in vLLM's tree, so that ruff sees ``vllm`` as first-party.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 from vllm_patches.sources import cache_root, index_url
 
 
@@ -11,6 +12,7 @@ def _git(tree, *args):
     return subprocess.run(["git", *args], cwd=tree, check=True, capture_output=True, text=True)
 
 
+@pytest.mark.network
 def test_checkout_is_cached_and_reused(cli):
     code, out, _ = cli("checkout", "0.21.0")
     first = out.splitlines()[-1]
@@ -23,6 +25,7 @@ def test_checkout_is_cached_and_reused(cli):
     assert _git(first, "rev-parse", "HEAD").stdout == head
 
 
+@pytest.mark.network
 def test_checkout_dest(cli, tmp_path):
     code, out, _ = cli("checkout", "0.12.0", "--dest", tmp_path / "v")
     assert code == 0 and out.splitlines()[-1] == str(tmp_path / "v")
@@ -38,6 +41,7 @@ def test_checkout_refuses_a_non_empty_dest(cli, tmp_path):
     assert err == f"error: {tmp_path} exists and is not empty; pass another --dest or remove it\n"
 
 
+@pytest.mark.network
 def test_unknown_and_malformed_versions(cli):
     code, _, err = cli("checkout", "0.21.7")
     assert code == 1 and err == (

@@ -86,6 +86,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     (tmp_path / "PR.md").write_text(pr)
 
 
+@pytest.mark.network
 def test_an_unformatted_change_fails_the_checks_and_leaves_nothing(tmp_path, identity):
     project = project_copy(tmp_path, "9.9.9")
     (patch,) = (project / "patches/connector-0.31.0").glob("0002-*.patch")

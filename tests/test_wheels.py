@@ -113,6 +113,7 @@ def test_release_without_series(tmp_path, out, cli):
     _refused(cli, out, "0.10.0", "--from-wheel", old, match="vLLM 0.10.0 has no series")
 
 
+@pytest.mark.network
 def test_already_modified_target(tmp_path, out, cli):
     files = {CONNECTOR: b"# edited\n", FACTORY: read_sdist_file("0.21.0", FACTORY)}
     modified = make_wheel(tmp_path, files)
@@ -170,6 +171,7 @@ def test_a_stale_part_file_is_swept(small_wheel, out, cli):
     assert not stale.exists() and fresh.exists()
 
 
+@pytest.mark.network
 def test_an_input_whose_record_does_not_verify(tmp_path, out, cli):
     files = {CONNECTOR: read_sdist_file("0.21.0", CONNECTOR)}
     good = make_wheel(tmp_path, {**files, FACTORY: read_sdist_file("0.21.0", FACTORY)})

@@ -200,6 +200,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             discard_venvs=args.discard_venvs,
         )
     matrix.write(result, args.out)
+    if args.readme:
+        matrix.update_readme(result, args.readme)
     print(matrix.markdown(result), end="")
     print(f"written to {args.out}/matrix.json and matrix.md")
     return 0
@@ -431,6 +433,9 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
+    p.add_argument(
+        "--readme", type=Path, metavar="PATH", help="also rewrite the README's per-release summary"
+    )
     p.set_defaults(func=_cmd_matrix)
 
     p = _command(sub, "wheel", "a patched vLLM wheel: repack the official one, or build")

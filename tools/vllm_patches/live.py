@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from vllm_patches._proc import run_subprocess
 from vllm_patches.sources import cache_root
 
 PROBE = Path(__file__).parent / "probes" / "connector_build.py"
+COMPAT = Path(__file__).parent / "probes" / "compat"
+"""A ``sitecustomize`` that restores one private torch name vLLM 0.17.x reads (see there)."""
 # A tiny Llama: only its config.json is read (no weights, no tokenizer).
 TINY_MODEL_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -92,7 +95,9 @@ def build_layers(
                 }
             )
         )
+        inherited = os.environ.get("PYTHONPATH")
         full_env = {
+            "PYTHONPATH": f"{COMPAT}:{inherited}" if inherited else str(COMPAT),
             "LMCACHE_LOG_LEVEL": "ERROR",
             "HF_HUB_OFFLINE": "1",
             "VLLM_CACHE_ROOT": tmp,

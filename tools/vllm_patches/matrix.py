@@ -602,3 +602,18 @@ def pairs_lines(answer: dict) -> list[str]:
             f"measured {stamp.get('date')} (vllm-lmcache-mp {stamp.get('commit', '')[:12]})"
         )
     return lines
+
+
+README_START = "<!-- pairing-table:start (vllm-patches matrix --readme README.md writes this) -->"
+README_END = "<!-- pairing-table:end -->"
+
+
+def update_readme(result: dict, readme: Path) -> None:
+    """Put the per-release summary of ``result`` between the README's two markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        msg = f"{readme} has no pairing-table markers ({README_START} ... {README_END})"
+        raise PatchToolError(msg)
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{summary(result)}{README_END}{tail}")

@@ -1,0 +1,1323 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+import ast
+import enum
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import pkgutil
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import torch
+import zmq
+from lmcache.integration.vllm.utils import mla_enabled
+from lmcache.utils import init_logger as lmcache_init_logger
+
+from vllm.config import VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.attention.backend import AttentionMetadata
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import RequestStatus
+from vllm.v1.utils import ConstantList
+from vllm.version import __version_tuple__ as vllm_version_tuple
+
+try:
+    from lmcache.integration.vllm.vllm_multi_process_adapter import (
+        LMCacheMPSchedulerAdapter,
+        LMCacheMPWorkerAdapter,
+        LoadStoreOp,
+    )
+except ImportError:
+    from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_integration import (
+        LMCacheMPSchedulerAdapter,
+        LMCacheMPWorkerAdapter,
+        LoadStoreOp,
+    )
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import BlockHash
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = lmcache_init_logger(__name__)
+
+
+# Helper functions
+def reformat_block_ids(block_ids: tuple[list[int], ...] | None) -> list[int]:
+    if block_ids is None:
+        return []
+    assert isinstance(block_ids, tuple), (
+        f"Expected block_ids to be a tuple of lists, but got {type(block_ids)}"
+    )
+
+    if len(block_ids) > 1:
+        raise RuntimeError(
+            "LMCacheMPConnector only works without hybrid kv cache manager. "
+            "Please pass --disable-hybrid-kv-cache-manager when starting vllm"
+        )
+
+    return block_ids[0]
+
+
+def extract_world_size_and_kv_rank(
+    world_size: int,
+    rank: int,
+    vllm_config: VllmConfig,
+) -> tuple[int, int]:
+    """
+    Convert the rank for the MLA.
+    """
+    use_mla = mla_enabled(vllm_config.model_config)
+    if not use_mla:
+        return world_size, rank
+    else:
+        # Tensor parallel does not change the KV caches for MLA models.
+        # So we need to "exclude" the effect of TP on rank and world size
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        # vLLM constructs TP groups first, and then construct other
+        # parallel groups on top of TP groups.
+        # for example, TP=4, PP=2,
+        # TP group: [0, 1, 2, 3], [4, 5, 6, 7]
+        # PP group: [0, 4], [1, 5], [2, 6], [3, 7]
+        # So we can "exclude" the effect of TP by rank // tp_size.
+        return world_size // tp_size, rank // tp_size
+
+
+def create_scheduler_adapter(
+    server_url: str, zmq_context: zmq.Context, vllm_config: VllmConfig
+) -> LMCacheMPSchedulerAdapter:
+    world_size, kv_rank = extract_world_size_and_kv_rank(
+        vllm_config.parallel_config.world_size,
+        vllm_config.parallel_config.rank,
+        vllm_config,
+    )
+    return LMCacheMPSchedulerAdapter(
+        server_url,
+        zmq_context,
+        vllm_config.model_config.model,
+        world_size,
+        kv_rank,
+        vllm_config.cache_config.block_size,
+    )
+
+
+def create_worker_adapter(
+    server_url: str, zmq_context: zmq.Context, vllm_config: VllmConfig
+) -> LMCacheMPWorkerAdapter:
+    world_size, kv_rank = extract_world_size_and_kv_rank(
+        vllm_config.parallel_config.world_size,
+        vllm_config.parallel_config.rank,
+        vllm_config,
+    )
+    return LMCacheMPWorkerAdapter(
+        server_url,
+        zmq_context,
+        vllm_config.model_config.model,
+        world_size,
+        kv_rank,
+        vllm_config.cache_config.block_size,
+    )
+
+
+def convert_block_hashes_to_bytes(
+    block_hashes: list["BlockHash"],
+) -> list[bytes]:
+    return cast(list[bytes], block_hashes)
+
+
+class LMCacheMPRequestState(enum.Enum):
+    """
+    State machine:
+    PREFETCHING -- update_state_after_alloc --> WAITING_FOR_LOAD
+    WAITING_FOR_LOAD -- process_loading_requests --> READY
+    """
+
+    PREFETCHING = enum.auto()
+    WAITING_FOR_LOAD = enum.auto()
+    READY = enum.auto()
+
+
+@dataclass
+class LMCacheMPRequestTracker:
+    # NOTE: this class used vLLM data structures, should be part of
+    # vLLM integration code
+
+    request_id: str
+
+    # Read-only lists to track the token ids and block hashes
+    all_token_ids: ConstantList[int]
+    block_hashes: ConstantList["BlockHash"]
+
+    # Block ids and hashes will be updated at update_states_after_alloc and
+    # during the generation
+    allocated_block_ids: list[int] = field(default_factory=list)
+
+    # Number of scheduled tokens in this request. We keep tracking this to
+    # avoid saving half-full blocks.
+    num_scheduled_tokens: int = 0
+
+    # Number of blocks stored will be initialized when lookup the external
+    # hit tokens and will be updated when processing new requests and cached
+    # requests.
+    num_stored_blocks: int = 0
+
+    # Staging load operation -- save vllm and lmcache hit tokens during lookup
+    num_vllm_hit_blocks: int = 0
+    num_lmcache_hit_blocks: int = 0
+
+    # Main state
+    state: LMCacheMPRequestState = LMCacheMPRequestState.PREFETCHING
+
+    def __init__(self, request: "Request"):
+        self.request_id = request.request_id
+        self.all_token_ids = request.all_token_ids
+        self.block_hashes = ConstantList(request.block_hashes)
+        self.allocated_block_ids = []
+        self.num_stored_blocks = 0
+        self.num_vllm_hit_blocks = 0
+        self.num_lmcache_hit_blocks = 0
+        self.state = LMCacheMPRequestState.PREFETCHING
+
+    ####
+    # Check the state of the request
+    ####
+    def needs_retrieve(self) -> bool:
+        """Check whether the current request needs retrieve, will be used
+        update_stage_after_alloc"""
+        return (
+            self.num_lmcache_hit_blocks > self.num_vllm_hit_blocks
+            and self.state != LMCacheMPRequestState.READY
+        )
+
+    def is_ready_for_retrieving(self) -> bool:
+        """Check whether the current request is ready for retrieving,
+        will be used in process_loading_requests"""
+        return (
+            self.state == LMCacheMPRequestState.WAITING_FOR_LOAD
+            and self.needs_retrieve()
+        )
+
+    ####
+    # Update internal states
+    ####
+    def increase_num_scheduled_tokens(self, num_new_tokens: int):
+        self.num_scheduled_tokens += num_new_tokens
+
+    def increase_num_stored_blocks(self, num_new_blocks: int):
+        """Increase the number of stored blocks for the current request
+        This function will be called when processing the cached requests.
+        """
+        self.num_stored_blocks += num_new_blocks
+
+    def append_block_ids(
+        self,
+        new_block_ids: list[int],
+    ):
+        """Update the block ids for the current request
+        This function will be called when processing the cached requests.
+        """
+        self.allocated_block_ids.extend(new_block_ids)
+
+    ####
+    # For debugging
+    ####
+    def __repr__(self) -> str:
+        return (
+            f"LMCacheMPRequestTracker(request_id={self.request_id}, "
+            f"num_tokens={len(self.all_token_ids)}, "
+            f"num_block_hashes={len(self.block_hashes)}, "
+            f"num_allocated_blocks={len(self.allocated_block_ids)}, "
+            f"num_stored_blocks={self.num_stored_blocks}, "
+            f"vllm_hit_blocks={self.num_vllm_hit_blocks}, "
+            f"lmcache_hit_blocks={self.num_lmcache_hit_blocks}, "
+            f"state={self.state})"
+        )
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+
+@dataclass
+class LMCacheMPRequestMetadata:
+    request_id: str
+    direction: Literal["STORE", "RETRIEVE"]
+    op: LoadStoreOp
+
+    @staticmethod
+    def GetStoreMetadata(
+        tracker: LMCacheMPRequestTracker,
+        blocks_in_chunk: int,
+        vllm_block_size: int,
+    ) -> "LMCacheMPRequestMetadata | None":
+        """
+        Generate the store metadata for the current request tracker.
+
+        Args:
+            tracker: The request tracker to generate the metadata from.
+            blocks_in_chunk: the number of blocks in a LMCache data chunk
+        """
+        # Store the blocks that has block hashes
+        # NOTE: the invariant here is that `num_stored_blocks` should
+        # always be a multiple of `blocks_in_chunk`
+        # TODO: This should be checked everytime we update the num_stored_blocks
+        min_available_blocks = min(
+            len(tracker.block_hashes),
+            len(tracker.allocated_block_ids),
+            tracker.num_scheduled_tokens // vllm_block_size,
+        )
+        num_staging_blocks = min_available_blocks - tracker.num_stored_blocks
+        num_chunks = num_staging_blocks // blocks_in_chunk
+
+        if num_chunks >= 1:
+            start = tracker.num_stored_blocks
+            end = start + num_chunks * blocks_in_chunk
+            block_hashes = convert_block_hashes_to_bytes(
+                tracker.block_hashes[start:end]
+            )
+            block_ids = tracker.allocated_block_ids[start:end]
+
+            ret = LMCacheMPRequestMetadata(
+                request_id=tracker.request_id,
+                direction="STORE",
+                op=LoadStoreOp(block_hashes=block_hashes, block_ids=block_ids),
+            )
+
+            # Update the request tracker
+            tracker.increase_num_stored_blocks(end - start)
+            return ret
+
+        return None
+
+    @staticmethod
+    def GetRetrieveMetadata(
+        tracker: LMCacheMPRequestTracker,
+        blocks_in_chunk: int,
+    ) -> "LMCacheMPRequestMetadata | None":
+        """
+        Generate the retrieve metadata for the current request tracker.
+
+        Args:
+            tracker: The request tracker to generate the metadata from.
+            blocks_in_chunk: the number of blocks in a LMCache data chunk
+        """
+        if not tracker.is_ready_for_retrieving():
+            return None
+
+        # |---------------------|-----------------|----------------|
+        # | num_vllm_hit_blocks |
+        # | lmcache chunk 1   | lmcache chunk 2   |
+        #                     |  need to retrieve |
+
+        start = tracker.num_vllm_hit_blocks // blocks_in_chunk * blocks_in_chunk
+        end = tracker.num_lmcache_hit_blocks
+        assert end % blocks_in_chunk == 0, (
+            "The number of LMCache hit blocks should be a multiple of the "
+            "number of blocks in a lmcache chunk. "
+        )
+        assert len(tracker.block_hashes) >= end, (
+            "The number of block hashes should be greater than or equal to the "
+            "number of LMCache hit blocks. "
+        )
+        if end > start:
+            block_hashes = convert_block_hashes_to_bytes(
+                tracker.block_hashes[start:end]
+            )
+            block_ids = tracker.allocated_block_ids[start:end]
+
+            ret = LMCacheMPRequestMetadata(
+                request_id=tracker.request_id,
+                direction="RETRIEVE",
+                op=LoadStoreOp(block_hashes=block_hashes, block_ids=block_ids),
+            )
+            return ret
+
+        return None
+
+
+class LMCacheMPConnectorMetadata(KVConnectorMetadata):
+    def __init__(self):
+        super().__init__()
+        self.requests: list[LMCacheMPRequestMetadata] = []
+
+    def add_request_metadata(self, request_metadata: LMCacheMPRequestMetadata):
+        self.requests.append(request_metadata)
+
+    def __len__(self):
+        return len(self.requests)
+
+    # For debugging
+    def __str__(self):
+        request_strs = []
+        for req_meta in self.requests:
+            request_strs.append(
+                f"RequestMetadata(request_id={req_meta.request_id}, "
+                f"direction={req_meta.direction}, "
+                f"num_blocks={len(req_meta.op)}, "
+                f"block_ids={req_meta.op.block_ids})"
+            )
+        return "[" + "\n".join(request_strs) + "]"
+
+    def __repr__(self):
+        return self.__str__()
+
+
+class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
+    """
+    The connector for LMCache multi-process mode.
+
+    Extra configs (kv_transfer_config.extra_config):
+    - lmcache.mp.host: the host of the LMCache server.
+    - lmcache.mp.port: the port of the LMCache server.
+    """
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig | None" = None,
+    ):
+        super().__init__(vllm_config, role, kv_cache_config)
+
+        assert vllm_config.kv_transfer_config is not None
+        server_host = vllm_config.kv_transfer_config.get_from_extra_config(
+            "lmcache.mp.host", "tcp://localhost"
+        )
+        server_port = vllm_config.kv_transfer_config.get_from_extra_config(
+            "lmcache.mp.port", 5555
+        )
+
+        server_url = f"{server_host}:{server_port}"
+        zmq_context = zmq.Context.instance()
+        if self.role == KVConnectorRole.SCHEDULER:
+            self.scheduler_adapter = create_scheduler_adapter(
+                server_url, zmq_context, vllm_config
+            )
+            self.request_trackers: dict[str, LMCacheMPRequestTracker] = {}
+        elif self.role == KVConnectorRole.WORKER:
+            self.worker_adapter = create_worker_adapter(
+                server_url, zmq_context, vllm_config
+            )
+        else:
+            raise ValueError(f"Unknown KVConnectorRole: {self.role}")
+
+        self.vllm_block_size = vllm_config.cache_config.block_size
+
+    @property
+    def role(self) -> KVConnectorRole:
+        return self._role
+
+    # ==============================
+    # Worker-side methods
+    # ==============================
+
+    def _get_connector_metadata(self) -> KVConnectorMetadata:
+        """Get the connector metadata.
+
+        This function should only be called inside the connector.
+
+        Returns:
+            ConnectorMetadata: the connector metadata.
+        """
+
+        # Should only be called while set to valid metadata.
+        assert self._connector_metadata is not None
+        return self._connector_metadata
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        """
+        Initialize with the KV caches. Useful for pre-registering the
+        KV Caches in the KVConnector (e.g. for NIXL).
+
+        Args:
+            kv_caches: dictionary of layer names, kv cache
+        """
+        logger.info("Registering kv caches!")
+        self.worker_adapter.register_kv_caches(kv_caches)
+        return
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """
+        Start loading the KV cache from the connector to vLLM's paged
+        KV buffer. This is called from the forward context before the
+        forward pass to enable async loading during model execution.
+
+        Args:
+            forward_context (ForwardContext): the forward context.
+            **kwargs: additional arguments for the load operation
+
+        Note:
+            The number of elements in kv_caches and layer_names should be
+            the same.
+
+        """
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LMCacheMPConnectorMetadata)
+
+        request_ids = []
+        ops = []
+
+        for meta in metadata.requests:
+            if meta.direction != "RETRIEVE":
+                continue
+            request_ids.append(meta.request_id)
+            ops.append(meta.op)
+
+        if len(request_ids) == 0:
+            return
+
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            event = torch.cuda.Event(interprocess=True)
+            event.record()
+
+        self.worker_adapter.batched_submit_retrieve_requests(request_ids, ops, event)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """
+        Block until the KV for a specific layer is loaded into vLLM's
+        paged buffer. This is called from within attention layer to ensure
+        async copying from start_load_kv is complete.
+
+        This interface will be useful for layer-by-layer pipelining.
+
+        Args:
+            layer_name: the name of that layer
+        """
+        return
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Start saving a layer of KV cache from vLLM's paged buffer
+        to the connector. This is called from within attention layer to
+        enable async copying during execution.
+
+        Args:
+            layer_name (str): the name of the layer.
+            kv_layer (torch.Tensor): the paged KV buffer of the current
+                layer in vLLM.
+            attn_metadata (AttentionMetadata): the attention metadata.
+            **kwargs: additional arguments for the save operation.
+        """
+        return
+
+    def wait_for_save(self):
+        """
+        Block until all the save operations is done. This is called
+        as the forward context exits to ensure that the async saving
+        from save_kv_layer is complete before finishing the forward.
+
+        This prevents overwrites of paged KV buffer before saving done.
+        """
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LMCacheMPConnectorMetadata)
+
+        request_ids = []
+        ops = []
+        for meta in metadata.requests:
+            if meta.direction != "STORE":
+                continue
+            request_ids.append(meta.request_id)
+            ops.append(meta.op)
+
+        if len(request_ids) == 0:
+            return
+
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            event = torch.cuda.Event(interprocess=True)
+            event.record()
+
+        self.worker_adapter.batched_submit_store_requests(request_ids, ops, event)
+
+    def get_finished(
+        self, finished_req_ids: set[str]
+    ) -> tuple[set[str] | None, set[str] | None]:
+        """
+        Notifies worker-side connector ids of requests that have
+        finished generating tokens on the worker.
+        The scheduler process (via the Executors) will use this output
+        to track which workers are done.
+
+        Returns:
+            ids of requests that have finished asynchronous transfer
+            (requests that previously returned True from request_finished()),
+            tuple of (sending/saving ids, recving/loading ids).
+            The finished saves/sends req ids must belong to a set provided in a
+            call to this method (this call or a prior one).
+        """
+        val = self.worker_adapter.get_finished(finished_req_ids)
+        # logger.error("Finished req ids: %s, %s", val[0], val[1])
+        return val
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """
+        Get the set of block IDs that failed to load.
+
+        Returns:
+            Set of block IDs that encountered load errors.
+            Empty set if no load errors occurred.
+
+        Notes:
+            - Applies to both sync- and async-loading requests.
+            - Async loading: failed blocks may be reported in any forward pass
+              up to and including the pass where the request ID is returned by
+              `get_finished()`. Even if failures occur, the request must still
+              be reported via `get_finished()`, and the failed block IDs must
+              appear here no later than that same pass.
+            - Sync loading: failed blocks should be reported in the forward
+              pass in which they are detected.
+        """
+        # TODO: add error tracking
+        return set()
+
+    def shutdown(self):
+        """
+        Shutdown the connector. This is called when the worker process
+        is shutting down to ensure that all the async operations are
+        completed and the connector is cleaned up properly.
+        """
+        if hasattr(self, "worker_adapter"):
+            self.worker_adapter.shutdown()
+        return None
+
+    def get_kv_connector_stats(self) -> "KVConnectorStats | None":
+        """
+        Get the KV connector stats collected during the last interval.
+        """
+        return None
+
+    # ==============================
+    # Scheduler-side methods
+    # ==============================
+
+    def get_num_new_matched_tokens(
+        self,
+        request: "Request",
+        num_computed_tokens: int,
+    ) -> tuple[int | None, bool]:
+        """
+        Get number of new tokens that can be loaded from the
+        external KV cache beyond the num_computed_tokens.
+
+        Args:
+            request (Request): the request object.
+            num_computed_tokens (int): the number of locally
+                computed tokens for this request
+
+        Returns:
+            A tuple with the following elements:
+                - An optional number of tokens that can be loaded from the
+                  external KV cache beyond what is already computed.
+                  If None, it means that the connector needs more time to
+                  determine the number of matched tokens, and the scheduler
+                  should query for this request again later.
+                - `True` if external KV cache tokens will be loaded
+                  asynchronously (between scheduler steps). Must be
+                  'False' if the first element is 0.
+
+        Notes:
+            The connector should only consider the largest prefix of prompt-
+            tokens for which KV cache is actually available at the time of the
+            call. If the cache cannot be loaded for some tokens (e.g., due to
+            connectivity issues or eviction), those tokens must not be taken
+            into account.
+        """
+        tracker = self._get_or_create_request_tracker(request)
+        # TODO: support loading KV for preempted requests in the future
+        if request.status == RequestStatus.PREEMPTED:
+            return 0, False
+
+        self.scheduler_adapter.maybe_submit_lookup_request(
+            request.request_id, convert_block_hashes_to_bytes(request.block_hashes)
+        )
+
+        ret = self.scheduler_adapter.check_lookup_result(request.request_id)
+        if ret is None:
+            return None, True
+
+        if ret == 0:
+            return 0, False
+
+        assert (
+            ret % (self.scheduler_adapter.num_blocks_per_chunk() * self.vllm_block_size)
+            == 0
+        )
+
+        # Update num stored blocks for the tracker
+        num_vllm_blocks = num_computed_tokens // self.vllm_block_size
+        num_lmcache_blocks = ret // self.vllm_block_size
+        tracker.increase_num_stored_blocks(num_lmcache_blocks)
+
+        # Save the vllm and lmcache hit tokens
+        tracker.num_vllm_hit_blocks = num_vllm_blocks
+        tracker.num_lmcache_hit_blocks = num_lmcache_blocks
+
+        need_to_load = max(0, ret - num_computed_tokens)
+        logger.debug(
+            "vLLM hit is: %d, Need to load is %d", num_computed_tokens, need_to_load
+        )
+        return need_to_load, need_to_load > 0
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ):
+        """
+        Update KVConnector state after block allocation.
+
+        If get_num_new_matched_tokens previously returned True for a
+        request, this function may be called twice for that same request -
+        first when blocks are allocated for the connector tokens to be
+        asynchronously loaded into, and second when any additional blocks
+        are allocated, after the load/transfer is complete.
+
+        Args:
+            request (Request): the request object.
+            blocks (KVCacheBlocks): the blocks allocated for the request.
+            num_external_tokens (int): the number of tokens that will be
+                loaded from the external KV cache.
+        """
+        # NOTE: the `blocks` are NEW BLOCKS allocated for this request.
+        tracker = self._get_request_tracker(request.request_id)
+        block_ids = reformat_block_ids(blocks.get_block_ids())
+
+        # No matter we need to retrieve or not, we need to update
+        # the block ids into the tracker
+        tracker.append_block_ids(block_ids)
+
+        # Update the state of the tracker
+        condition = tracker.needs_retrieve()
+        if tracker.state == LMCacheMPRequestState.PREFETCHING:
+            # If need to retrieve, change to WAITING_FOR_LOAD
+            # Otherwise, change to READY
+            tracker.state = (
+                LMCacheMPRequestState.WAITING_FOR_LOAD
+                if condition
+                else LMCacheMPRequestState.READY
+            )
+            # Clean up lookup future in scheduler adapter
+            self.scheduler_adapter.cleanup_lookup_result(request.request_id)
+
+    def build_connector_meta(
+        self, scheduler_output: SchedulerOutput
+    ) -> KVConnectorMetadata:
+        """
+        Build the connector metadata for this step.
+
+        This function should NOT modify fields in the scheduler_output.
+        Also, calling this function will reset the state of the connector.
+
+        Args:
+            scheduler_output (SchedulerOutput): the scheduler output object.
+        """
+        metadata = LMCacheMPConnectorMetadata()
+
+        self._process_retrieve_requests(metadata)
+        self._process_new_requests(scheduler_output, metadata)
+        self._process_cached_requests(scheduler_output, metadata)
+
+        if len(metadata) > 0:
+            logger.debug("Final connector metadata: %s", metadata)
+
+        return metadata
+
+    def update_connector_output(self, connector_output: KVConnectorOutput):
+        """
+        Update KVConnector state from worker-side connectors output.
+
+        Args:
+            connector_output (KVConnectorOutput): the worker-side
+                connectors output.
+        """
+        return
+
+    def request_finished(
+        self,
+        request: "Request",
+        block_ids: list[int],
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """
+        Called exactly once when a request has finished, before its blocks are
+        freed.
+
+        The connector may assumes responsibility for freeing the blocks
+        asynchronously by returning True.
+
+        Returns:
+            True if the request is being saved/sent asynchronously and blocks
+            should not be freed until the request_id is returned from
+            get_finished().
+            Optional KVTransferParams to be included in the request outputs
+            returned by the engine.
+        """
+        # Clean up request tracker to prevent memory leak
+        self._cleanup_request_tracker(request.request_id)
+        return True, None
+
+    def take_events(self) -> Iterable["KVCacheEvent"]:
+        """
+        Take the KV cache events from the connector.
+
+        Yields:
+            New KV cache events since the last call.
+        """
+        return ()
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        """
+        Get the required KV cache layout for this connector.
+        Args:
+            vllm_config (VllmConfig): the vllm config.
+
+        Returns:
+            str: the required KV cache layout. e.g. HND, or NHD.
+            None if the connector does not require a specific layout.
+        """
+
+        if cls is KVConnectorBase_V1:
+            raise TypeError(
+                "get_required_kvcache_layout should not be called "
+                "on the abstract base class"
+            )
+        return None
+
+    def get_finished_count(self) -> int | None:
+        """
+        Get the count of requests expected to complete send/receive operations
+        via this connector. This method is used to initialize the
+        KVOutputAggregator, overwriting the default world_size.
+
+        Returns:
+            int: expected sending or receiving completion count.
+        """
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> "KVConnectorStats | None":
+        """
+        KVConnectorStats resolution method. This method allows dynamically
+        registered connectors to return their own KVConnectorStats object,
+        which can implement custom aggregation logic on the data dict.
+        """
+        return None
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: "VllmConfig",
+        metric_types: dict[type["PromMetric"], type["PromMetricT"]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> "KVConnectorPromMetrics | None":
+        """
+        Create a KVConnectorPromMetrics subclass which should register
+        per-connector Prometheus metrics and implement observe() to
+        expose connector transfer stats via Prometheus.
+        """
+        return None
+
+    ##############################
+    # Helper functions
+    ##############################
+    def _process_retrieve_requests(
+        self,
+        metadata: LMCacheMPConnectorMetadata,
+    ) -> None:
+        blocks_per_chunk = self.scheduler_adapter.num_blocks_per_chunk()
+
+        for request_tracker in self.request_trackers.values():
+            if request_tracker.state != LMCacheMPRequestState.WAITING_FOR_LOAD:
+                continue
+            r_metadata = LMCacheMPRequestMetadata.GetRetrieveMetadata(
+                request_tracker, blocks_per_chunk
+            )
+            if r_metadata is not None:
+                metadata.add_request_metadata(r_metadata)
+            request_tracker.state = LMCacheMPRequestState.READY
+
+    def _process_new_requests(
+        self,
+        scheduler_output: SchedulerOutput,
+        metadata: LMCacheMPConnectorMetadata,
+    ) -> None:
+        blocks_per_chunk = self.scheduler_adapter.num_blocks_per_chunk()
+
+        for new_request in scheduler_output.scheduled_new_reqs:
+            request_tracker = self._get_request_tracker(new_request.req_id)
+
+            num_new_tokens = scheduler_output.num_scheduled_tokens[new_request.req_id]
+            request_tracker.increase_num_scheduled_tokens(num_new_tokens)
+
+            r_meta = LMCacheMPRequestMetadata.GetStoreMetadata(
+                request_tracker, blocks_per_chunk, self.vllm_block_size
+            )
+            if r_meta is not None:
+                metadata.add_request_metadata(r_meta)
+
+    def _process_cached_requests(
+        self,
+        scheduler_output: SchedulerOutput,
+        metadata: LMCacheMPConnectorMetadata,
+    ) -> None:
+        blocks_per_chunk = self.scheduler_adapter.num_blocks_per_chunk()
+
+        cached_reqs = scheduler_output.scheduled_cached_reqs
+        for idx, request_id in enumerate(cached_reqs.req_ids):
+            request_tracker = self._get_request_tracker(request_id)
+
+            # Update block ids
+            new_block_ids = reformat_block_ids(cached_reqs.new_block_ids[idx])
+            if request_id not in cached_reqs.resumed_req_ids:
+                request_tracker.append_block_ids(new_block_ids)
+
+            # Update new scheduled tokens
+            num_new_tokens = cached_reqs.num_computed_tokens[idx]
+            request_tracker.increase_num_scheduled_tokens(num_new_tokens)
+
+            r_meta = LMCacheMPRequestMetadata.GetStoreMetadata(
+                request_tracker, blocks_per_chunk, self.vllm_block_size
+            )
+
+            if r_meta is not None:
+                metadata.add_request_metadata(r_meta)
+
+    def _get_request_tracker(self, request_id: str) -> LMCacheMPRequestTracker:
+        assert request_id in self.request_trackers, (
+            f"Request tracker for request_id {request_id} not found. "
+        )
+        return self.request_trackers[request_id]
+
+    def _get_or_create_request_tracker(
+        self, request: "Request"
+    ) -> LMCacheMPRequestTracker:
+        request_id = request.request_id
+        # Remove the old trackers that is created before the preemption
+        if (
+            request.status == RequestStatus.PREEMPTED
+            and request_id in self.request_trackers
+        ):
+            tracker = self.request_trackers[request_id]
+
+            # NOTE: since this function may be called multiple times
+            # for a single request (because get_num_new_matched_tokens
+            # may be called multiple times) for the same request, we
+            # will only do the remove if the tracker is not in the "fresh"
+            # state, i.e., PREFETCHING
+            if tracker.state != LMCacheMPRequestState.PREFETCHING:
+                self.request_trackers.pop(request_id)
+
+        if request_id not in self.request_trackers:
+            new_tracker = LMCacheMPRequestTracker(request)
+            self.request_trackers[request_id] = new_tracker
+        return self.request_trackers[request_id]
+
+    def _cleanup_request_tracker(self, request_id: str) -> None:
+        """
+        Clean up request tracker and associated lookup future for a request.
+        This should be called when a request is finished to prevent memory leak.
+        """
+        # Clean up request tracker
+        if self.request_trackers.pop(request_id, None):
+            logger.debug(
+                "[KVConnector] Cleaned up request_tracker for request %s",
+                request_id,
+            )
+
+
+# At module load time, prefer the external LMCacheMPConnector shipped with the
+# ``lmcache`` package. This avoids forcing users to set
+# ``kv_connector_module_path`` when they only configure ``kv_connector``. If
+# the external module is unavailable, fails to import for any reason, or does
+# not provide a KVConnectorBase_V1 subclass, fall back to the builtin
+# implementation defined above, so that a broken lmcache release never stops
+# vLLM from starting.
+_LMCACHE_MP_CONNECTOR_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
+_ENV_TRUE_VALUES = ("1", "true", "yes", "on")
+_ENV_FALSE_VALUES = ("", "0", "false", "no", "off")
+
+
+def _force_builtin_lmcache_mp_connector() -> bool:
+    """Read ``LMCACHE_USE_UPSTREAM_MP`` as a boolean.
+
+    ``1/true/yes/on`` (any case, surrounding spaces ignored) force the builtin
+    connector; unset, empty and ``0/false/no/off`` prefer lmcache's. Any other
+    value is ignored with a warning.
+    """
+    value = os.environ.get("LMCACHE_USE_UPSTREAM_MP")
+    if value is None:
+        return False
+    normalized = value.strip().lower()
+    if normalized in _ENV_TRUE_VALUES:
+        return True
+    if normalized not in _ENV_FALSE_VALUES:
+        logger.warning(
+            "Ignoring LMCACHE_USE_UPSTREAM_MP=%r: set it to one of %s to force "
+            "the builtin LMCacheMPConnector, or to one of %s (or unset it) to "
+            "prefer lmcache's.",
+            value,
+            "/".join(_ENV_TRUE_VALUES),
+            "/".join(v for v in _ENV_FALSE_VALUES if v),
+        )
+    return False
+
+
+def _lmcache_version() -> str:
+    try:
+        return importlib.metadata.version("lmcache")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _load_external_lmcache_mp_connector(
+    module_name: str,
+) -> tuple[type[KVConnectorBase_V1] | None, str, bool]:
+    """Import ``LMCacheMPConnector`` from ``module_name``.
+
+    Returns:
+        The class, or ``None`` with the reason it cannot be used and whether
+        that reason deserves a warning (a module that is simply not installed
+        does not).
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        parts = module_name.split(".")
+        absent = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        if e.name in absent:
+            return None, f"{module_name} is not installed", False
+        return None, f"importing {module_name} failed: {type(e).__name__}: {e}", True
+    except Exception as e:
+        return None, f"importing {module_name} failed: {type(e).__name__}: {e}", True
+    connector_cls = getattr(module, "LMCacheMPConnector", None)
+    if not isinstance(connector_cls, type) or not issubclass(
+        connector_cls, KVConnectorBase_V1
+    ):
+        return (
+            None,
+            f"{module_name}.LMCacheMPConnector is {connector_cls!r}, "
+            "not a KVConnectorBase_V1 subclass",
+            True,
+        )
+    return connector_cls, "", False
+
+
+# lmcache ships copies of its connector frozen for older vLLM releases, named
+# after the release they were made for: ``lmcache_mp_connector_0201`` was made
+# for vLLM 0.20.1. Its main connector follows vLLM's newest release.
+_LMCACHE_MP_CONNECTOR_PACKAGE = "lmcache.integration.vllm"
+_FROZEN_MODULE_PATTERN = re.compile(r"lmcache_mp_connector_(\d)(\d\d)(\d)")
+# Filled in by _resolve_lmcache_mp_connector(): the module of the class chosen
+# and why, so that the connector factory can say which connector runs.
+LMCACHE_MP_CONNECTOR_RESOLUTION: dict[str, str] = {}
+
+
+def _frozen_lmcache_mp_connector_modules() -> list[str]:
+    """lmcache's frozen connector modules that may fit this vLLM, best first.
+
+    The module made for this vLLM's minor release comes first, then older
+    ones, newest first, and last the ones made for a newer vLLM, oldest
+    first: the construction check decides whether those can be built here.
+    """
+    try:
+        spec = importlib.util.find_spec(_LMCACHE_MP_CONNECTOR_PACKAGE)
+    except ImportError:
+        return []
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    running = tuple(vllm_version_tuple[:2])
+    bounded = all(isinstance(part, int) for part in running)
+    older: list[tuple[tuple[int, ...], str]] = []
+    newer: list[tuple[tuple[int, ...], str]] = []
+    for module_info in pkgutil.iter_modules(spec.submodule_search_locations):
+        match = _FROZEN_MODULE_PATTERN.fullmatch(module_info.name)
+        if match is None:
+            continue
+        made_for = tuple(int(part) for part in match.groups())
+        found = newer if bounded and made_for[:2] > running else older
+        found.append((made_for, f"{_LMCACHE_MP_CONNECTOR_PACKAGE}.{module_info.name}"))
+    return [name for _, name in sorted(older, reverse=True)] + [
+        name for _, name in sorted(newer)
+    ]
+
+
+def _brief(reason: str, module_name: str) -> str:
+    """One short rejection reason: no repeated module name, no file paths."""
+    reason = reason.removeprefix(f"importing {module_name} failed: ")
+    return re.sub(r" \(/[^)]*\)", "", reason)
+
+
+def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
+    """The modules to try, in order, and whether the user named the module.
+
+    ``LMCACHE_MP_CONNECTOR_MODULE`` names the only module to try. Otherwise
+    lmcache's main connector comes first, then its frozen copies.
+    """
+    explicit = os.environ.get("LMCACHE_MP_CONNECTOR_MODULE", "").strip()
+    if explicit:
+        return [explicit], True
+    return [
+        _LMCACHE_MP_CONNECTOR_MODULE,
+        *_frozen_lmcache_mp_connector_modules(),
+    ], False
+
+
+def _is_str_expr(node: ast.expr, str_names: set[str]) -> bool:
+    """Whether ``node`` is plainly a ``str``: a literal, an f-string, ``str()``,
+    a concatenation with one, or a name the function annotates or assigns so."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in str_names
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and node.func.id == "str"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _is_str_expr(node.left, str_names) or _is_str_expr(node.right, str_names)
+    return False
+
+
+def _str_names(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """Names ``function`` annotates as ``str`` or assigns a string to."""
+    arguments = function.args
+    names = {
+        arg.arg
+        for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+        if isinstance(arg.annotation, ast.Name) and arg.annotation.id == "str"
+    }
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and _is_str_expr(node.value, names):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+_CONTAINER_ANNOTATION = re.compile(
+    r"(typing\.)?(list|List|tuple|Tuple|set|Set|frozenset|FrozenSet|dict|Dict)\b"
+)
+
+
+def _rejects_str(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` wants a container, not a str.
+
+    ``list[str]`` and ``list[str] | None`` do; ``str``, ``str | list[str]``,
+    ``Sequence[str]``, an unknown type and no annotation do not.
+    """
+    if annotation is inspect.Parameter.empty:
+        return False
+    text = (
+        annotation
+        if isinstance(annotation, str)
+        else inspect.formatannotation(annotation)
+    )
+    text = re.sub(r"^(typing\.)?(Optional|Union)\[(.*)\]$", r"\3", text)
+    members, depth, start = [], 0, 0
+    for index, char in enumerate(text + ","):
+        depth += (char == "[") - (char == "]")
+        if depth == 0 and char in "|,":
+            members.append(text[start:index].strip())
+            start = index + 1
+    members = [m for m in members if m not in ("None", "NoneType")]
+    return bool(members) and all(_CONTAINER_ANNOTATION.match(m) for m in members)
+
+
+def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
+    """Calls in ``module`` to lmcache that the installed lmcache cannot take.
+
+    Every call of an imported class or function that lives in ``lmcache`` is
+    bound to the installed object's signature, without calling anything, and
+    an argument that is plainly a string must go to a parameter that takes
+    one: lmcache 0.5.0 turned the scheduler adapter's ``server_url: str`` into
+    ``server_urls: list[str]``, which a URL string still binds to and is then
+    split into characters (``ZMQError: Invalid argument``). A module whose
+    calls do not fit fails in its constructor. Being static, the check gives
+    the same answer in the scheduler and in every worker.
+    """
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    imported: dict[str, tuple[str, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = (node.module, alias.name)
+    # The string names of each call's innermost function (ast.walk goes
+    # outside in, so inner functions overwrite their outer ones).
+    str_names: dict[ast.Call, set[str]] = {}
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = _str_names(function)
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call):
+                    str_names[node] = names
+    mismatches: list[str] = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in imported
+        ):
+            continue
+        source_module, name = imported[node.func.id]
+        try:
+            # The object the module really uses, else what the import names
+            # (imported here only from lmcache, for imports inside functions).
+            target = vars(module).get(node.func.id)
+            if target is None and source_module.split(".")[0] == "lmcache":
+                target = getattr(importlib.import_module(source_module), name)
+            if not getattr(target, "__module__", "").startswith("lmcache"):
+                continue
+            signature = inspect.signature(target)
+        except Exception:
+            continue
+        # With *args or **kwargs, what the call passes is known only in part:
+        # bind what is written, and judge only the types.
+        starred = [i for i, a in enumerate(node.args) if isinstance(a, ast.Starred)]
+        partial = bool(starred) or any(kw.arg is None for kw in node.keywords)
+        args = node.args[: starred[0]] if starred else node.args
+        kwargs = {kw.arg: kw.value for kw in node.keywords if kw.arg is not None}
+        try:
+            if partial:
+                bound = signature.bind_partial(*args, **kwargs)
+            else:
+                bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            if not partial:
+                mismatches.append(f"{name}() at line {node.lineno}: {e}")
+            continue
+        for param_name, value in bound.arguments.items():
+            param = signature.parameters[param_name]
+            if (
+                isinstance(value, ast.expr)
+                and _is_str_expr(value, str_names.get(node, set()))
+                and _rejects_str(param.annotation)
+            ):
+                mismatches.append(
+                    f"{name}() at line {node.lineno}: {param_name} takes "
+                    f"{inspect.formatannotation(param.annotation)}, not a str"
+                )
+    return mismatches
+
+
+def _unbuildable_lmcache_mp_connector(message: str) -> type[KVConnectorBase_V1]:
+    """A connector class that stops vLLM with ``message`` when it is built."""
+
+    class LMCacheMPConnectorUnavailable(LMCacheMPConnectorUpstream):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(message)
+
+    return LMCacheMPConnectorUnavailable
+
+
+def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
+    if _force_builtin_lmcache_mp_connector():
+        reason = (
+            f"forced by LMCACHE_USE_UPSTREAM_MP={os.environ['LMCACHE_USE_UPSTREAM_MP']}"
+        )
+        LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
+        logger.info(
+            "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream (%s).",
+            reason,
+        )
+        return LMCacheMPConnectorUpstream
+
+    candidates, explicit = _lmcache_mp_connector_candidates()
+    rejected: list[str] = []
+    warn = explicit
+    for module_name in candidates:
+        connector_cls, reason, worth_warning = _load_external_lmcache_mp_connector(
+            module_name
+        )
+        if connector_cls is not None:
+            module = sys.modules.get(connector_cls.__module__)
+            mismatches = _lmcache_api_mismatches(module) if module else []
+            if mismatches:
+                connector_cls = None
+                reason = f"cannot be built: {mismatches[0]}"
+                worth_warning = True
+        if connector_cls is not None:
+            if explicit:
+                how = "set by LMCACHE_MP_CONNECTOR_MODULE"
+            elif module_name == _LMCACHE_MP_CONNECTOR_MODULE:
+                how = "lmcache's main connector"
+            else:
+                how = "lmcache's connector frozen for an older vLLM"
+            if rejected:
+                how += "; skipped " + "; ".join(rejected)
+            LMCACHE_MP_CONNECTOR_RESOLUTION.update(
+                module=module_name, reason=f"lmcache {_lmcache_version()}, {how}"
+            )
+            logger.info(
+                "LMCacheMPConnector: using %s.%s from lmcache %s (%s).",
+                module_name,
+                connector_cls.__qualname__,
+                _lmcache_version(),
+                how,
+            )
+            return connector_cls
+        rejected.append(f"{module_name}: {_brief(reason, module_name)}")
+        warn = warn or worth_warning
+
+    builtin_mismatches = _lmcache_api_mismatches(sys.modules[__name__])
+    if builtin_mismatches:
+        vllm_version = ".".join(str(part) for part in vllm_version_tuple[:3])
+        message = (
+            f"LMCacheMPConnector: no connector can be built with vLLM "
+            f"{vllm_version} and lmcache {_lmcache_version()}: "
+            + "; ".join(rejected)
+            + f"; vLLM's builtin connector: cannot be built: {builtin_mismatches[0]}."
+            " Install an lmcache release made for this vLLM release, or set "
+            "LMCACHE_MP_CONNECTOR_MODULE to a connector module that matches the "
+            "installed lmcache."
+        )
+        LMCACHE_MP_CONNECTOR_RESOLUTION.update(
+            module=__name__, reason=message, error=message
+        )
+        logger.error("%s", message)
+        return _unbuildable_lmcache_mp_connector(message)
+
+    reason = (
+        f"lmcache {_lmcache_version()}; rejected "
+        + "; ".join(rejected)
+        + "; lmcache's connector is not used, and the builtin one does not "
+        "support the hybrid KV cache manager"
+    )
+    LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
+    log = logger.warning if warn else logger.info
+    log(
+        "LMCacheMPConnector: falling back to vLLM's builtin "
+        "LMCacheMPConnectorUpstream (%s).",
+        reason,
+    )
+    return LMCacheMPConnectorUpstream
+
+
+LMCacheMPConnector = _resolve_lmcache_mp_connector()

@@ -1,0 +1,123 @@
+"""Cached virtual environments holding a real vLLM (built from its sdist) and a real lmcache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from packaging.version import Version
+
+from vllm_patches._proc import logger, run_subprocess
+from vllm_patches.sources import cache_root, fetch_sdist
+
+TORCH = "torch==2.13.0"
+BUILD_DEPS = (
+    "setuptools>=77,<81",
+    "setuptools-scm",
+    "setuptools-rust",  # vLLM 0.22.0 and later import it in setup.py
+    "wheel",
+    "packaging",
+    "ninja",
+    "cmake",
+    "jinja2",
+)
+# An lmcache release of each vLLM release's time whose pins fit vLLM's and with which the
+# patched vLLM starts (matrix/matrix.json); each applies from the vLLM release it names.
+# lmcache 0.4.5 and later need transformers >= 5.4, which vLLM up to 0.19.0 pins below 5.
+DEFAULT_LMCACHE = (
+    ("0.12", "0.3.9.post2"),
+    ("0.14", "0.3.13"),
+    ("0.17", "0.4.4"),
+    ("0.19.1", "0.5.3"),
+    ("0.22", "0.5.6"),
+)
+# What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
+TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
+
+
+def default_lmcache(version: str) -> str:
+    """An lmcache release that vLLM ``version`` starts with, patched (:data:`DEFAULT_LMCACHE`)."""
+    chosen = DEFAULT_LMCACHE[0][1]
+    for first, lmcache in DEFAULT_LMCACHE:
+        if Version(version) >= Version(first):
+            chosen = lmcache
+    return chosen
+
+
+def pip(python: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run pip of ``python``; pip's own configuration (index, proxy, certs) applies."""
+    run_subprocess(
+        [python, "-m", "pip", "--disable-pip-version-check", *args],
+        env=env,
+        what=f"pip {' '.join(args[:3])}",
+    )
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def venv_dir(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
+    """Where :func:`vllm_env` caches that venv; it is complete once it holds ``.complete``."""
+    name = f"vllm-{version}-lmcache-{lmcache or 'none'}{'-tests' if test_deps else ''}"
+    return cache_root() / "venvs" / name
+
+
+def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
+    """A cached venv with vLLM ``version`` (CPU platform, ``empty`` target) and lmcache.
+
+    :param version: the vLLM release; built from its sdist as ``X+cpu``.
+    :param lmcache: the lmcache release to install, or None for none.
+    :param test_deps: also install what vLLM's connector unit tests need.
+    :returns: the venv's python.
+    """
+    venv = venv_dir(version, lmcache, test_deps=test_deps)
+    python = venv_python(venv)
+    marker = venv / ".complete"
+    if marker.is_file():
+        return python
+    if venv.exists():
+        shutil.rmtree(venv)
+    sdist = fetch_sdist(version)
+    logger.warning("building %s (a few minutes, cached afterwards)", venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    run_subprocess([sys.executable, "-m", "venv", venv], what="python -m venv")
+    try:
+        pip(python, "install", "-q", TORCH, *BUILD_DEPS)
+        build_env = {
+            "VLLM_TARGET_DEVICE": "empty",
+            "VLLM_VERSION_OVERRIDE": f"{version}+cpu",
+            "MAX_JOBS": str(os.cpu_count() or 2),
+        }
+        pip(python, "install", "-q", "--no-build-isolation", str(sdist), env=build_env)
+        extra = [f"lmcache=={lmcache}"] if lmcache else []
+        if test_deps:
+            extra += TEST_DEPS
+        if extra:
+            pip(python, "install", "-q", TORCH, *extra)
+    except BaseException:
+        shutil.rmtree(venv, ignore_errors=True)
+        raise
+    marker.write_text(f"vllm {version}\nlmcache {lmcache}\n")
+    return python
+
+
+def lmcache_layer(python: Path, lmcache: str) -> Path:
+    """lmcache ``lmcache`` installed alone (``--no-deps``) into a directory of its own.
+
+    Put first on ``PYTHONPATH``, it replaces the venv's lmcache without a venv per release.
+    """
+    layer = cache_root() / "lmcache-layers" / f"lmcache-{lmcache}"
+    if (layer / ".complete").is_file():
+        return layer
+    if layer.exists():
+        shutil.rmtree(layer)
+    try:
+        pip(python, "install", "-q", "--no-deps", "--target", str(layer), f"lmcache=={lmcache}")
+    except BaseException:
+        shutil.rmtree(layer, ignore_errors=True)
+        raise
+    (layer / ".complete").write_text(f"lmcache {lmcache}\n")
+    return layer

@@ -1,0 +1,124 @@
+"""Build connectors for real against real LMCache servers (the ground truth of "starts")."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_patches._proc import run_subprocess
+from vllm_patches.sources import cache_root
+
+PROBE = Path(__file__).parent / "probes" / "connector_build.py"
+COMPAT = Path(__file__).parent / "probes" / "compat"
+"""A ``sitecustomize`` that restores one private torch name vLLM 0.17.x reads (see there)."""
+# A tiny Llama: only its config.json is read (no weights, no tokenizer).
+TINY_MODEL_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 1024,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "float16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+STEP_NAMES = {
+    "imports": "imports",
+    "subclass": "subclasses KVConnectorBase_V1",
+    "constructs_scheduler": "scheduler constructs",
+    "constructs_worker": "worker constructs",
+    "scheduler_round_trip": "scheduler round trip",
+}
+"""Each measured step, as the reports name it."""
+
+
+def model_dir() -> Path:
+    """A directory holding the tiny model's ``config.json`` (in the cache)."""
+    directory = cache_root() / "tiny-llama"
+    config = directory / "config.json"
+    text = json.dumps(TINY_MODEL_CONFIG, indent=2) + "\n"
+    if not config.is_file() or config.read_text() != text:
+        directory.mkdir(parents=True, exist_ok=True)
+        config.write_text(text)
+    return directory
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One lmcache to diagnose with: a layer directory (or the venv's own) and its server."""
+
+    path: Path | None
+    server: str | None
+
+
+def works(candidate: dict) -> bool | None:
+    """Whether a candidate built for real (both roles, scheduler round trip); None if not built."""
+    if "constructs_scheduler" not in candidate:
+        return None if candidate.get("subclass") else False
+    return bool(candidate.get("scheduler_round_trip"))
+
+
+def failed_step(candidate: dict) -> str:
+    """The first step a candidate failed, as the reports name it; '' when it worked."""
+    for key, name in STEP_NAMES.items():
+        if key in candidate and not candidate[key]:
+            return name
+    return ""
+
+
+def build_layers(
+    python: str | Path, layers: list[Layer], env: dict[str, str] | None = None
+) -> list[dict]:
+    """Run the build probe in ``python`` for each layer, vLLM imported once for all.
+
+    :returns: per layer, what the probe measured (``connector_build.diagnose``), or
+        ``{"import_error": "the probe failed: ..."}`` when its process died.
+    """
+    with tempfile.TemporaryDirectory(prefix="vllm-patches-build-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "model_dir": str(model_dir()),
+                    "layers": [
+                        {"path": str(la.path) if la.path else None, "server": la.server}
+                        for la in layers
+                    ],
+                }
+            )
+        )
+        inherited = os.environ.get("PYTHONPATH")
+        full_env = {
+            "PYTHONPATH": f"{COMPAT}:{inherited}" if inherited else str(COMPAT),
+            "LMCACHE_LOG_LEVEL": "ERROR",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CACHE_ROOT": tmp,
+            "PYTHONWARNINGS": "ignore",
+            **(env or {}),
+        }
+        proc = run_subprocess(
+            [python, PROBE, spec], cwd=Path(tmp), env=full_env, what="building the connectors"
+        )
+    found: list[dict] = []
+    pending: dict | None = None
+    failure = ""
+    for line in proc.stdout.splitlines():
+        if line.startswith("BUILD "):
+            pending = json.loads(line[len("BUILD ") :])
+        elif line.startswith("FAILED "):
+            failure = line[len("FAILED ") :]
+        elif line.startswith("LAYER "):
+            status = failure or line.split(" ", 2)[2]
+            found.append(
+                pending or {"candidates": [], "import_error": f"the probe failed: {status}"}
+            )
+            pending, failure = None, ""
+    return found

@@ -1,0 +1,144 @@
+"""The container recipes in examples/, their steps run for real against an image-like venv.
+
+Images cannot be pulled here, so the image is played by a copy of a real vLLM install built
+from the sdist (hardlinked, so making it is cheap and the cached original is never written:
+pip and the tool replace files by rename). The Dockerfile is parsed as Docker reads it
+(ARG defaults, --build-arg overrides, COPY into the container's paths, RUN through sh -c
+with the ARGs in the environment); only FROM is played by that venv.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vllm_patches import wheels
+from vllm_patches.envs import vllm_env
+from vllm_patches.series import REPO_ROOT
+from vllm_patches.sources import cache_root, fetch_sdist
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    found = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) -> list[str]:
+    """Play ``dockerfile``'s steps on this machine; return each RUN's output."""
+    args: dict[str, str] = {}
+    outputs = []
+    for keyword, rest in _instructions(dockerfile):
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = build_args.get(name, args.get(name, default))
+        elif keyword == "COPY":
+            source, dest = rest.split()
+            if Path(dest).exists():
+                shutil.rmtree(dest)
+            shutil.copytree(context / source, dest)
+        elif keyword == "RUN":
+            proc = subprocess.run(
+                ["sh", "-c", rest], capture_output=True, text=True, env={**_env(), **args}
+            )
+            assert proc.returncode == 0, f"{rest}\n{proc.stdout}\n{proc.stderr}"
+            outputs.append(proc.stdout)
+        else:
+            assert keyword == "FROM", keyword
+    return outputs
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A venv laid out like the image: a real vLLM 0.21.0 (from its sdist) and nothing else of
+    ours; a hardlinked copy of the cached install."""
+    source = vllm_env("0.21.0", "0.5.3").parents[1]
+    copy = tmp_path / "image"
+    subprocess.run(["cp", "-al", source, copy], check=True)
+    (copy / ".complete").unlink(missing_ok=True)
+    yield copy / "bin" / "python"
+    shutil.rmtree("/tmp/vllm-lmcache-mp", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tool_wheel(tmp_path_factory) -> Path:
+    """This project's own wheel, as the README builds it."""
+    dist = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, REPO_ROOT],
+        check=True,
+        capture_output=True,
+    )
+    (found,) = dist.glob("vllm_lmcache_mp-*.whl")
+    return found
+
+
+def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_wheel, tmp_path):
+    context = tmp_path / "context"
+    (context / "dist").mkdir(parents=True)
+    shutil.copy(tool_wheel, context / "dist")
+    outputs = run_dockerfile(
+        EXAMPLES / "Dockerfile",
+        context,
+        {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.5", "VLLM_PYTHON": str(image)},
+    )
+    assert outputs[2].startswith("applied the series of vLLM 0.21.0 to ")
+    assert "lmcache_mp_connector_0201.LMCacheMPConnector" in outputs[3]
+    assert outputs[3].rstrip().endswith("verdict: OK")
+    status = subprocess.run(
+        [image, "-m", "vllm_patches", "status", "--python", image], capture_output=True, text=True
+    )
+    assert status.returncode == 0 and status.stdout.startswith("patched\n")
+
+
+def test_dockerfile_gate_fails_the_build_on_a_pairing_that_cannot_start(
+    image, tool_wheel, tmp_path
+):
+    context = tmp_path / "context"
+    (context / "dist").mkdir(parents=True)
+    shutil.copy(tool_wheel, context / "dist")
+    with pytest.raises(AssertionError, match="verdict: will fail when the engine starts"):
+        run_dockerfile(
+            EXAMPLES / "Dockerfile",
+            context,
+            {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.6", "VLLM_PYTHON": str(image)},
+        )
+
+
+def test_wheel_recipe_installs_the_patched_wheel(image, tool_wheel, tmp_path):
+    # A wheel versioned as the release itself (the official wheels are), built from the sdist.
+    built = cache_root() / "built-wheels" / "0.21.0-release"
+    official = sorted(built.glob("vllm-*.whl")) if built.is_dir() else []
+    if not official:
+        python = vllm_env("0.21.0", "0.5.3")
+        official = [wheels.pip_wheel(python, fetch_sdist("0.21.0"), built, "0.21.0", "empty")]
+    context = tmp_path / "context"
+    (context / "dist").mkdir(parents=True)
+    shutil.copy(tool_wheel, context / "dist")
+    wheels.repack(official[0], context / "dist")
+    outputs = run_dockerfile(
+        EXAMPLES / "Dockerfile.wheel",
+        context,
+        {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.5", "VLLM_PYTHON": str(image)},
+    )
+    assert outputs[-1].rstrip().endswith("verdict: OK")
+    assert "patched (this series)" in outputs[-1]
