@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from vllm_patches import wheels
 from vllm_patches._proc import stopped_on_signals
+from vllm_patches._record import record_hash
 from vllm_patches.envs import vllm_env
 from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.sources import cache_root, fetch_sdist, read_sdist_file
@@ -28,7 +29,7 @@ def make_wheel(directory: Path, files: dict[str, bytes], name="vllm", version="0
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nBuild: 1\nTag: py3-none-any\n",
     }
-    rows = [f"{n},{wheels.record_hash(d)},{len(d)}" for n, d in files.items()]
+    rows = [f"{n},{record_hash(d)},{len(d)}" for n, d in files.items()]
     files[f"{dist}/RECORD"] = ("\n".join([*rows, f"{dist}/RECORD,,"]) + "\n").encode()
     path = directory / f"{name}-{version}-1-py3-none-any.whl"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -3,7 +3,6 @@ bytes, streaming), build one from a patched checkout, and verify one."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import csv
 import hashlib
@@ -21,6 +20,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from vllm_patches._proc import logger
+from vllm_patches._record import encode_digest, parse_record, record_hash
 from vllm_patches.errors import PatchToolError
 from vllm_patches.series import Group, Release, load_manifest, sha256_bytes
 
@@ -32,11 +32,6 @@ CHUNK = 1 << 20
 STALE_PART_SECONDS = 600
 """A repack's ``.part`` file older than this was left by an interrupted run (a repack of the
 248 MB official wheel takes well under a second)."""
-
-
-def record_hash(data: bytes) -> str:
-    """RECORD's ``sha256=<urlsafe base64, no padding>``."""
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def patched_version(version: str) -> str:
@@ -262,7 +257,7 @@ def repack(wheel: Path, out_dir: Path, *, force: bool = False, version: str | No
             f"{info.dist_info[: -len('.dist-info')]}.data/",
             f"vllm-{new_version}.data/",
         )
-        record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
+        record = parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
         _out_dir(out_dir)
         final = out_dir / f"vllm-{new_version}-{info.tags}.whl"
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-repack-", suffix=".whl.part")
@@ -278,10 +273,6 @@ def repack(wheel: Path, out_dir: Path, *, force: bool = False, version: str | No
             tmp.unlink(missing_ok=True)
             raise
     return final
-
-
-def _parse_record(text: str) -> dict[str, tuple[str, str]]:
-    return {row[0]: (row[1], row[2]) for row in csv.reader(io.StringIO(text)) if row}
 
 
 def _rename(name: str, old_dist: str, new_dist: str, old_data: str, new_data: str) -> str:
@@ -376,7 +367,7 @@ def _write(
 def record_problems(zf: zipfile.ZipFile, info: WheelInfo) -> list[str]:
     """Every member whose hash or size RECORD does not state, and every row without a member."""
     try:
-        record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
+        record = parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
     except KeyError:
         return [f"no {info.dist_info}/RECORD"]
     problems: list[str] = []
@@ -391,7 +382,7 @@ def record_problems(zf: zipfile.ZipFile, info: WheelInfo) -> list[str]:
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
         expected_hash, expected_size = record[member.filename]
-        got = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+        got = encode_digest(digest.digest())
         if got != expected_hash or str(member.file_size) != expected_size:
             problems.append(f"{member.filename}: RECORD says {expected_hash},{expected_size}")
     for name in record:
