@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from vllm_patches.sources import cache_root, index_url
+from vllm_patches import _index
+from vllm_patches.sources import cache_root
 
 
 def _git(tree, *args):
@@ -48,9 +49,13 @@ def test_unknown_and_malformed_versions(cli):
         "error: vLLM 0.21.7 has no sdist on the package index; pick a released version\n"
     )
     code, _, err = cli("checkout", "latest")
-    assert code == 1 and "'latest' is not a vLLM release number" in err
+    assert code == 2 and "'latest' is not a release number" in err
 
 
 def test_index_url_follows_pip(monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.invalid/simple")
-    assert index_url() == "https://mirror.invalid/simple/"
+    _index.config.cache_clear()
+    try:
+        assert _index.config().urls[0] == "https://mirror.invalid/simple/"
+    finally:
+        _index.config.cache_clear()
