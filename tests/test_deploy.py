@@ -38,7 +38,8 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 
 def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) -> list[str]:
-    """Play ``dockerfile``'s steps on this machine; return each RUN's output."""
+    """Play ``dockerfile``'s steps on this machine, from outside this clone (in ``context``);
+    return each RUN's output."""
     args: dict[str, str] = {}
     outputs = []
     for keyword, rest in _instructions(dockerfile):
@@ -52,7 +53,11 @@ def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) 
             shutil.copytree(context / source, dest)
         elif keyword == "RUN":
             proc = subprocess.run(
-                ["sh", "-c", rest], capture_output=True, text=True, env={**_env(), **args}
+                ["sh", "-c", rest],
+                capture_output=True,
+                text=True,
+                env={**_env(), **args},
+                cwd=context,
             )
             assert proc.returncode == 0, f"{rest}\n{proc.stdout}\n{proc.stderr}"
             outputs.append(proc.stdout)
@@ -104,10 +109,22 @@ def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_whee
     assert outputs[2].startswith("applied the series of vLLM 0.21.0 to ")
     assert "lmcache_mp_connector_0201.LMCacheMPConnector" in outputs[3]
     assert outputs[3].rstrip().endswith("verdict: OK")
-    status = subprocess.run(
-        [image, "-m", "vllm_patches", "status", "--python", image], capture_output=True, text=True
-    )
+
+    # The installed tool, run from a directory outside the clone, finds its own series.
+    def tool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [image, "-m", "vllm_patches", *args], capture_output=True, text=True, cwd=tmp_path
+        )
+
+    status = tool("status", "--python", str(image))
     assert status.returncode == 0 and status.stdout.startswith("patched\n")
+    pairs = tool("pairs", "0.21.0")
+    assert pairs.returncode == 0 and pairs.stdout.startswith("vLLM 0.21.0: install lmcache==")
+    reverted = tool("revert", "--python", str(image))
+    assert reverted.returncode == 0, reverted.stderr
+    assert tool("status", "--python", str(image)).returncode == 3  # unpatched
+    rebase = tool("rebase", "--onto", "0.99.0")
+    assert rebase.returncode == 1 and "needs a clone of vllm-lmcache-mp" in rebase.stderr
 
 
 def test_dockerfile_gate_fails_the_build_on_a_pairing_that_cannot_start(

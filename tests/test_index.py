@@ -12,6 +12,7 @@ import http.server
 import io
 import json
 import os
+import sys
 import tarfile
 import threading
 
@@ -123,3 +124,15 @@ def test_redact_keeps_the_user_and_hides_the_password():
         == "https://u:****@h.example:8443/simple/"
     )
     assert _index.redact("https://h.example/simple/") == "https://h.example/simple/"
+
+
+def test_a_pipless_venv_uses_the_pip_on_path(monkeypatch, caplog):
+    """uv makes venvs without pip: the tool then runs the pip it finds on PATH."""
+    monkeypatch.setattr(_index.importlib.util, "find_spec", lambda name: None)
+    _index.pip_command.cache_clear()
+    try:
+        command = _index.pip_command()
+    finally:
+        _index.pip_command.cache_clear()
+    assert command[0] != sys.executable
+    assert "has no pip; using " in caplog.text

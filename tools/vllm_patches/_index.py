@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import json
 import netrc
 import re
+import shutil
 import ssl
 import sys
 import urllib.error
@@ -49,8 +51,26 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+@functools.cache
+def pip_command() -> tuple[str, ...]:
+    """The pip to run: this interpreter's, else one on PATH (a venv made by uv has none)."""
+    if importlib.util.find_spec("pip") is not None:
+        return (sys.executable, "-m", "pip")
+    for name in ("pip3", "pip"):
+        found = shutil.which(name)
+        if found:
+            logger.warning("%s has no pip; using %s", sys.executable, found)
+            return (found,)
+    python = shutil.which("python3")
+    if python and run_subprocess([python, "-m", "pip", "--version"], check=False).returncode == 0:
+        logger.warning("%s has no pip; using %s -m pip", sys.executable, python)
+        return (python, "-m", "pip")
+    msg = f"no pip found ({sys.executable} has none, nor PATH); install pip and run again"
+    raise PatchToolError(msg)
+
+
 def _pip_options() -> dict[str, str]:
-    proc = run_subprocess([sys.executable, "-m", "pip", "config", "list"], check=False)
+    proc = run_subprocess([*pip_command(), "config", "list"], check=False)
     found: dict[str, str] = {}
     for line in proc.stdout.splitlines():
         match = re.fullmatch(r"([^.\s]+)\.([\w-]+)='(.*)'", line.strip())
@@ -64,7 +84,7 @@ def _option(options: dict[str, str], name: str) -> str | None:
 
 
 def _pips_default_index() -> str:
-    proc = run_subprocess([sys.executable, "-m", "pip", "download", "--help"], check=False)
+    proc = run_subprocess([*pip_command(), "download", "--help"], check=False)
     text = " ".join(proc.stdout.split())
     match = re.search(
         r"--index-url <url> Base URL of the Python Package Index \(default (\S+)\)", text

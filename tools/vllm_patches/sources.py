@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vllm_patches._fs import write_atomic
 from vllm_patches._git import GIT_IDENTITY, run_git
-from vllm_patches._index import open_url, project_files
+from vllm_patches._index import open_url, pip_command, project_files
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 
@@ -289,7 +289,7 @@ def download_wheel(version: str) -> Path:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     run_subprocess(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        [*pip_command(), "download", "--no-deps", "--only-binary", ":all:",
          "--dest", cache, f"vllm=={version}"],
         what=f"pip download vllm=={version}",
     )  # fmt: skip
