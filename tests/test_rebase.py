@@ -173,12 +173,22 @@ def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
     today = f"Last-Update: {datetime.date.today().isoformat()}"
     for shipped in sorted((REPO_ROOT / "patches/connector-0.31.0").glob("*.patch")):
         ours = (project / "patches/connector-0.31.0" / shipped.name).read_text()
-        # Only the patches whose change was amended get a new Last-Update.
-        assert (today in ours) == (shipped.name[:4] in ("0002", "0004"))
+        # Only the patches whose change was amended get a new Last-Update; the others keep
+        # the one of the series they were carried from (0.30.0's).
+        source = next((project / "patches/connector-0.30.0").glob(f"{shipped.name[:4]}-*.patch"))
+        kept = _last_update(source.read_text())
+        if shipped.name[:4] in ("0002", "0004"):
+            assert today in ours
+        else:
+            assert _last_update(ours) == kept
         assert _without_last_update(ours) == _without_last_update(shipped.read_text())
     assert tree_snapshot(project / "vllm_overlay/connector-0.31.0") == tree_snapshot(
         REPO_ROOT / "vllm_overlay/connector-0.31.0"
     )
+
+
+def _last_update(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("Last-Update:"))
 
 
 def _without_last_update(text: str) -> str:
@@ -204,7 +214,11 @@ BAD_INPUT = [
         "vLLM 0.21.0 already has a series (connector-0.21.0, tests, factory-0.21.0, "
         "tests-factory); nothing to rebase",
     ),
-    (["--onto", "banana"], "'banana' is not a vLLM release number; give one like 0.21.0"),
+    (
+        ["--onto", "banana"],
+        "argument --onto: 'banana' is not a release number; give one like 0.21.0 "
+        "(see rebase-patches --help)",
+    ),
 ]
 
 
@@ -214,7 +228,8 @@ def test_bad_input_changes_nothing(tmp_path, args, message):
     project = project_copy(tmp_path, "0.99.0")
     before = _series_state(project)
     proc = run_tool(project, "rebase-patches", *args, "--workdir", tmp_path / "work")
-    assert (proc.returncode, proc.stdout) == (1, "")
+    usage_mistake = args[1] == "banana"  # argparse's: exit 2, like every usage mistake
+    assert (proc.returncode, proc.stdout) == (2 if usage_mistake else 1, "")
     assert proc.stderr == f"error: {message}\n"
     assert _series_state(project) == before
     assert not (tmp_path / "work").exists()
