@@ -115,3 +115,15 @@ def test_doctor_server_builds_against_a_running_server(cli, tmp_path):
     assert code == 2
     assert f"built for real against the LMCache server at {server.url}" in out
     assert f"  {MAIN}_0201: works" in out
+
+
+def test_doctor_server_of_an_older_lmcache_release_says_so(cli, tmp_path):
+    """Measured: lmcache 0.5.3 and 0.5.6 interoperate; a 0.4.7 server does not answer 0.5.6."""
+    python = vllm_env("0.33.0", "0.5.6")
+    with ServerPool(tmp_path) as pool:
+        server = pool.get(python, lmcache_layer(python, "0.4.7"), "0.4.7")
+        assert not isinstance(server, str), server
+        code, out, _ = cli("doctor", "--server", server.url, "--python", python)
+    assert code == 2
+    assert "Cannot reach the LMCache MP server" in out
+    assert f"fix: check that a server listens at {server.url} and runs the same lmcache" in out

@@ -184,6 +184,13 @@ class LiveDiagnosis:
     def fixes(self) -> list[str]:
         """What to do when the engine would fail."""
         data = self.data
+        if "Cannot reach the LMCache MP server" in self.chosen.get("error", ""):
+            # Measured: a 0.4.7 server does not answer a 0.5.6 client, which then says this.
+            return [
+                f"check that a server listens at {data.get('server')} and runs the same lmcache "
+                f"release as this environment ({data.get('lmcache')}); the message queue does "
+                "not tell a server's release, and a server of another release may not answer"
+            ]
         working = [c["module"] for c in data.get("candidates", []) if works(c)]
         if data.get("patched"):
             fixes = [

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.sources import release_arg
@@ -25,9 +26,16 @@ def _tool_version() -> str:
         return "unknown (not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A top-level parser: ``--version`` is the tool's, ``-v`` works before or after a command."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_tool_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
     return parser
@@ -35,7 +43,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def _common() -> argparse.ArgumentParser:
     """Options every subcommand takes too (so ``-v`` may follow the command)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what is run"
     )
@@ -200,6 +208,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
             discard_venvs=args.discard_venvs,
         )
     matrix.write(result, args.out)
+    if args.readme:
+        matrix.update_readme(result, args.readme)
     print(matrix.markdown(result), end="")
     print(f"written to {args.out}/matrix.json and matrix.md")
     return 0
@@ -431,6 +441,9 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
+    p.add_argument(
+        "--readme", type=Path, metavar="PATH", help="also rewrite the README's per-release summary"
+    )
     p.set_defaults(func=_cmd_matrix)
 
     p = _command(sub, "wheel", "a patched vLLM wheel: repack the official one, or build")
@@ -523,7 +536,10 @@ def apply_parser() -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage mistake: said already
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

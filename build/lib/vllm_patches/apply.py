@@ -5,8 +5,6 @@ Every operation checks everything first and changes nothing when a check fails.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -19,6 +17,7 @@ from typing import Literal
 from vllm_patches import _journal as journal
 from vllm_patches._git import GIT_IDENTITY, current_ref, git_ok, run_git, tracked_changes
 from vllm_patches._journal import JOURNAL_NAME
+from vllm_patches._record import rewrite_record
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import apply_to_bytes
 from vllm_patches.series import (
@@ -30,7 +29,6 @@ from vllm_patches.series import (
     load_manifest,
 )
 from vllm_patches.targets import Target
-from vllm_patches.wheels import record_hash
 
 Overall = Literal["unpatched", "patched", "upstream", "modified"]
 BACKUP_DIR = "vllm_lmcache_mp"
@@ -354,26 +352,6 @@ def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
 # --- installed vLLM -----------------------------------------------------------------------------
 
 
-def _rewrite_record(record: bytes, changes: dict[str, bytes | None]) -> bytes:
-    rows = list(csv.reader(io.StringIO(record.decode())))
-    seen: set[str] = set()
-    out: list[list[str]] = []
-    for row in rows:
-        if row and row[0] in changes:
-            seen.add(row[0])
-            data = changes[row[0]]
-            if data is not None:
-                out.append([row[0], record_hash(data), str(len(data))])
-        else:
-            out.append(row)
-    for path, data in changes.items():
-        if path not in seen and data is not None:
-            out.insert(len(out) - 1, [path, record_hash(data), str(len(data))])
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(out)
-    return buffer.getvalue().encode()
-
-
 def _site_rel(target: Target, path: Path) -> str:
     return path.relative_to(target.root).as_posix()
 
@@ -414,7 +392,7 @@ def _apply_site(target: Target, release: Release) -> Outcome:
     writes[backup / "state.json"] = json.dumps(state, indent=2).encode() + b"\n"
     for extra in ("RECORD.orig", "state.json"):
         changes[_site_rel(target, backup / extra)] = writes[backup / extra]
-    writes[record_path] = _rewrite_record(record, changes)
+    writes[record_path] = rewrite_record(record, changes)
     _check_writable({p.parent for p in writes}, "patch a vLLM you can write to (a venv)")
     journal.change(_journal(target), target.root, writes, "an apply of the series")
     return Outcome(True, f"applied the series of vLLM {release.version} to {target.root}")

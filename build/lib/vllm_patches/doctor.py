@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,164 +16,11 @@ from vllm_patches.errors import PatchToolError
 from vllm_patches.live import Layer, build_layers, failed_step, works
 from vllm_patches.lmcache_server import ServerPool
 from vllm_patches.matrix import shipped, starts_with
-from vllm_patches.series import CONNECTOR, OVERLAY_DIR
+from vllm_patches.series import CONNECTOR, load_manifest
 from vllm_patches.targets import installed_vllm
 
-CHECKER_PARTS = {
-    "_lmcache_api_mismatches",
-    "_is_str_expr",
-    "_str_names",
-    "_rejects_str",
-    "_CONTAINER_ANNOTATION",
-}
-_SCRIPT = r"""
-import ast, importlib, importlib.metadata as md, inspect, json, os, pkgutil, re, sys
-from types import ModuleType
-from typing import Any
-
-exec(os.environ["VLLM_PATCHES_CHECKER"])
-VLLM_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
-PACKAGE = "lmcache.integration.vllm"
-
-
-def version(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-
-
-def row(module_name, class_name="LMCacheMPConnector"):
-    info = {"module": module_name, "imports": False, "subclass": False, "builds": False,
-            "error": ""}
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        info["error"] = f"{type(e).__name__}: {e}"
-        return info
-    info["imports"] = True
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
-    cls = getattr(module, class_name, None)
-    info["subclass"] = isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)
-    if not info["subclass"]:
-        info["error"] = f"{class_name} is {cls!r}, not a KVConnectorBase_V1 subclass"
-        return info
-    mismatches = _lmcache_api_mismatches(sys.modules[cls.__module__])
-    info["builds"] = not mismatches
-    info["error"] = mismatches[0] if mismatches else ""
-    return info
-
-
-def unmet(project):
-    # project's requirements that the installed packages do not meet, as pip check says them
-    from packaging.requirements import Requirement
-
-    found = []
-    for text in md.requires(project) or []:
-        req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        have = version(req.name)
-        if have is None:
-            found.append(f"{req.name} is not installed ({project} needs {req})")
-        elif not req.specifier.contains(have, prereleases=True):
-            found.append(f"{req.name} {have} is installed, {project} needs {req.specifier}")
-    return found
-
-
-out = {"vllm": version("vllm"), "lmcache": version("lmcache"), "candidates": []}
-out["vllm_unmet"] = unmet("vllm") if out["vllm"] else []
-try:
-    spec = importlib.util.find_spec(PACKAGE)
-    names = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])]
-except Exception:
-    names = []
-frozen = sorted((n for n in names if re.fullmatch(r"lmcache_mp_connector_\d{4}", n)), reverse=True)
-for name in ["lmcache_mp_connector", *frozen]:
-    if name in names:
-        out["candidates"].append(row(f"{PACKAGE}.{name}"))
-try:
-    vllm_module = importlib.import_module(VLLM_MODULE)
-except Exception as e:
-    out["import_error"] = f"{type(e).__name__}: {e}"
-else:
-    patched = hasattr(vllm_module, "LMCacheMPConnectorUpstream")
-    out["patched"] = patched
-    builtin_name = "LMCacheMPConnectorUpstream" if patched else "LMCacheMPConnector"
-    out["builtin"] = row(VLLM_MODULE, builtin_name)
-    cls = vllm_module.LMCacheMPConnector
-    out["chosen"] = f"{cls.__module__}.{cls.__qualname__}"
-    resolution = dict(getattr(vllm_module, "LMCACHE_MP_CONNECTOR_RESOLUTION", {}))
-    out["resolution"] = resolution
-    if "error" in resolution:
-        out["chosen_builds"], out["chosen_error"] = False, resolution["error"]
-    else:
-        mismatches = _lmcache_api_mismatches(sys.modules[cls.__module__])
-        out["chosen_builds"] = not mismatches
-        out["chosen_error"] = mismatches[0] if mismatches else ""
-    from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    routes = {}
-    for candidate in out["candidates"]:
-        if not candidate["imports"]:
-            continue
-        try:
-            got = KVConnectorFactory.get_connector_class(KVTransferConfig(
-                kv_connector="LMCacheMPConnector", kv_role="kv_both",
-                kv_connector_module_path=candidate["module"]))
-            routes[candidate["module"]] = f"{got.__module__}.{got.__qualname__}"
-        except Exception as e:
-            routes[candidate["module"]] = f"error: {type(e).__name__}: {e}"
-    out["module_path_route"] = routes
-print("DOCTOR " + json.dumps(out))
-"""
-
-# Imports what every diagnosis shares once, then forks a child per lmcache layer that runs
-# _SCRIPT with the layer first on sys.path; lmcache itself is imported in the children only.
-_FORKING = r"""
-import importlib, json, os, sys, traceback
-for shared in ("vllm.config", "vllm.distributed.kv_transfer.kv_connector.factory",
-               "vllm.distributed.kv_transfer.kv_connector.v1.base", "vllm.v1.request",
-               "vllm.v1.core.sched.output", "vllm.v1.kv_cache_interface"):
-    importlib.import_module(shared)
-assert not any(m.split(".")[0] == "lmcache" for m in sys.modules), "lmcache imported early"
-for index, layer in enumerate(json.loads(os.environ["VLLM_PATCHES_LAYERS"])):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        sys.path.insert(0, layer)
-        importlib.invalidate_caches()
-        try:
-            exec(os.environ["VLLM_PATCHES_DOCTOR"], {"__name__": "__main__"})
-        except BaseException as e:
-            traceback.print_exc()
-            print(f"FAILED {type(e).__name__}: {e}".replace("\n", " "))
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(f"LAYER {index} exit code {os.waitstatus_to_exitcode(status)}", flush=True)
-"""
-
-
-def checker_source() -> str:
-    """The construction check, taken from the series' own code (patch 0006) in the overlay:
-    the checker and the module-level helpers it calls."""
-    overlay = next(iter(sorted(OVERLAY_DIR.glob(f"*/{CONNECTOR}"))))
-    text = overlay.read_text()
-    nodes = [n for n in ast.parse(text).body if _defines(n) & CHECKER_PARTS]
-    return "\n\n".join(ast.get_source_segment(text, n) or "" for n in nodes)
-
-
-def _defines(node: ast.stmt) -> set[str]:
-    if isinstance(node, ast.FunctionDef):
-        return {node.name}
-    if isinstance(node, ast.Assign):
-        return {t.id for t in node.targets if isinstance(t, ast.Name)}
-    return set()
+STATIC = Path(__file__).parent / "probes" / "doctor_static.py"
+"""doctor's static probe, run by path inside the target interpreter."""
 
 
 def _lmcache_advice(vllm_version: str) -> str:
@@ -256,25 +103,53 @@ class Diagnosis:
         return out
 
 
-def _env() -> dict[str, str]:
-    return {"VLLM_PATCHES_CHECKER": checker_source(), "LMCACHE_LOG_LEVEL": "ERROR"}
+def _overlay_for(python: str | Path) -> str | None:
+    """The series' connector file for the vLLM in ``python`` (where doctor takes the check
+    from when that vLLM is not patched); None for a release without a series."""
+    try:
+        release = load_manifest().release(installed_vllm(str(python)).version)
+    except PatchToolError:
+        return None
+    group = next((g for g in release.groups if g.path == CONNECTOR), None)
+    return str(group.overlay_file) if group else None
+
+
+def _static(python: str | Path, layers: list[str | None], env: dict[str, str]) -> list[Diagnosis]:
+    """Run the static probe once, vLLM imported once, a forked child per layer."""
+    with tempfile.TemporaryDirectory(prefix="vllm-patches-doctor-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"layers": layers, "overlay": _overlay_for(python)}))
+        full_env = {"LMCACHE_LOG_LEVEL": "ERROR", **env}
+        proc = run_subprocess([python, STATIC, spec], env=full_env, what="doctor's probe")
+    found: list[Diagnosis] = []
+    pending: dict | None = None
+    failure = ""
+    for line in proc.stdout.splitlines():
+        if line.startswith("DOCTOR "):
+            pending = json.loads(line[len("DOCTOR ") :])
+        elif line.startswith("FAILED "):
+            failure = line[len("FAILED ") :]
+        elif line.startswith("LAYER "):
+            status = failure or line.split(" ", 2)[2]
+            failed = {"candidates": [], "import_error": f"the probe failed: {status}"}
+            found.append(Diagnosis(pending if pending is not None else failed))
+            pending, failure = None, ""
+    if len(found) != len(layers):
+        msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
+        raise PatchToolError(msg)
+    return found
 
 
 def diagnose(
     python: str | Path, pythonpath: list[Path] | None = None, env: Mapping[str, str] | None = None
 ) -> Diagnosis:
     """Inspect the vLLM and lmcache installed in ``python``; nothing is built or contacted."""
-    full_env = {**_env(), **(env or {})}
+    full_env = dict(env or {})
     if pythonpath:
         full_env["PYTHONPATH"] = ":".join(str(p) for p in pythonpath)
-    proc = run_subprocess([python, "-c", _SCRIPT], env=full_env, what="doctor's probe")
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("DOCTOR ")), "")
-    if not line:
-        msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
-        raise PatchToolError(msg)
-    data = json.loads(line[len("DOCTOR ") :])
-    _require_vllm(python, data)
-    return Diagnosis(data)
+    (diagnosis,) = _static(python, [None], full_env)
+    _require_vllm(python, diagnosis.data)
+    return diagnosis
 
 
 def _require_vllm(python: str | Path, data: dict) -> None:
@@ -289,23 +164,7 @@ def diagnose_layers(python: str | Path, layers: list[Path]) -> list[Diagnosis]:
     One process imports what every diagnosis shares (``vllm.config``: ~10 s of the ~11 s
     a diagnosis takes) and forks a child per layer, which imports lmcache from it alone.
     """
-    env = {**_env(), "VLLM_PATCHES_DOCTOR": _SCRIPT}
-    env["VLLM_PATCHES_LAYERS"] = json.dumps([str(layer) for layer in layers])
-    proc = run_subprocess([python, "-c", _FORKING], env=env, what="doctor's probes")
-    found: list[Diagnosis] = []
-    pending: dict | None = None
-    failure = ""
-    for line in proc.stdout.splitlines():
-        if line.startswith("DOCTOR "):
-            pending = json.loads(line[len("DOCTOR ") :])
-        elif line.startswith("FAILED "):
-            failure = line[len("FAILED ") :]
-        elif line.startswith("LAYER "):
-            status = failure or line.split(" ", 2)[2]
-            failed = {"candidates": [], "import_error": f"the probe failed: {status}"}
-            found.append(Diagnosis(pending if pending is not None else failed))
-            pending, failure = None, ""
-    return found
+    return _static(python, [str(layer) for layer in layers], {})
 
 
 @dataclass

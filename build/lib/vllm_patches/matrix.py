@@ -247,6 +247,26 @@ def run_matrix(
     return result
 
 
+def _both_sides(python: Path, layers: list[Layer], progress: Callable[[str], None]) -> list[Cell]:
+    """Each layer's cell sides: built unpatched, then with the series applied (and reverted)."""
+    site = installed_vllm(str(python))
+    recover(site)
+    if status(site).overall == "patched":
+        apply(site, revert=True)
+    rows: list[Cell] = [{} for _ in layers]
+    for label in _LABELS:
+        if label == "patched":
+            apply(site)
+        progress(label)
+        try:
+            for row, data in zip(rows, build_layers(python, layers), strict=True):
+                row[label] = _summary(data)
+        finally:
+            if label == "patched":
+                apply(site, revert=True)
+    return rows
+
+
 def _measure_row(
     result: dict,
     pool: ServerPool,
@@ -271,23 +291,9 @@ def _measure_row(
     found, missing = _row_layers(pool, python, layers)
     result["setup_seconds"][version] = round(time.monotonic() - start, 1)
     start = time.monotonic()
-    site = installed_vllm(str(python))
-    recover(site)
-    if status(site).overall == "patched":
-        apply(site, revert=True)
-    rows: dict[str, Cell] = {lm: {} for lm in mine}
-    for label in _LABELS:
-        if label == "patched":
-            apply(site)
-        progress(f"vLLM {version} x lmcache {', '.join(mine)} ({label})")
-        try:
-            for lm, data in zip(mine, build_layers(python, found), strict=True):
-                rows[lm][label] = _summary(data)
-        finally:
-            if label == "patched":
-                apply(site, revert=True)
-    for lm in mine:
-        cell = {**rows[lm], "pin_conflicts": pin_conflicts(version, layers[lm])}
+    rows = _both_sides(python, found, lambda label: progress(f"vLLM {version} ({label})"))
+    for lm, row in zip(mine, rows, strict=True):
+        cell = {**row, "pin_conflicts": pin_conflicts(version, layers[lm])}
         if lm in missing:
             cell["not_built"] = missing[lm]
         result["cells"][f"{version}|{lm}"] = cell
@@ -602,3 +608,18 @@ def pairs_lines(answer: dict) -> list[str]:
             f"measured {stamp.get('date')} (vllm-lmcache-mp {stamp.get('commit', '')[:12]})"
         )
     return lines
+
+
+README_START = "<!-- pairing-table:start (vllm-patches matrix --readme README.md writes this) -->"
+README_END = "<!-- pairing-table:end -->"
+
+
+def update_readme(result: dict, readme: Path) -> None:
+    """Put the per-release summary of ``result`` between the README's two markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        msg = f"{readme} has no pairing-table markers ({README_START} ... {README_END})"
+        raise PatchToolError(msg)
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(f"{head}{README_START}\n{summary(result)}{README_END}{tail}")

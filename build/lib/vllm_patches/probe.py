@@ -9,30 +9,7 @@ from pathlib import Path
 
 from vllm_patches._proc import run_subprocess
 
-_PROBE = r"""
-import json, sys
-result = {}
-try:
-    import vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector as m
-    from vllm.config import KVTransferConfig
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
-    cls = m.LMCacheMPConnector
-    builtin = getattr(m, "LMCacheMPConnectorUpstream", None)
-    factory = KVConnectorFactory.get_connector_class(
-        KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both"))
-    result = {
-        "ok": True,
-        "cls": f"{cls.__module__}.{cls.__qualname__}",
-        "builtin": cls is builtin or builtin is None,
-        "factory": f"{factory.__module__}.{factory.__qualname__}",
-        "factory_is_cls": factory is cls,
-        "subclass": issubclass(factory, KVConnectorBase_V1),
-    }
-except Exception as e:
-    result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-print("PROBE " + json.dumps(result))
-"""
+PROBE = Path(__file__).parent / "probes" / "resolution.py"
 
 
 @dataclass(frozen=True)
@@ -62,7 +39,7 @@ def probe(
     full_env = {"LMCACHE_LOG_LEVEL": "INFO", **(env or {})}
     if pythonpath:
         full_env["PYTHONPATH"] = ":".join(str(p) for p in pythonpath)
-    proc = run_subprocess([python, "-c", _PROBE], env=full_env, what="importing the connector")
+    proc = run_subprocess([python, PROBE], env=full_env, what="importing the connector")
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("PROBE "))
     data = json.loads(line[len("PROBE ") :])
     return Resolution(**data, log=proc.stderr + proc.stdout)

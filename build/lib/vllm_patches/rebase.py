@@ -37,6 +37,7 @@ from vllm_patches.series import (
     PATCHES_DIR,
     Group,
     Manifest,
+    PatchInfo,
     Release,
     load_manifest,
     sha256_bytes,
@@ -381,14 +382,10 @@ def _lint(work: Path, state: RebaseState) -> None:
         raise ReportedError(msg, report)
 
 
-def _finish(work: Path, state: RebaseState) -> RebaseResult:
-    _lint(work, state)
-    manifest = load_manifest()
-    source = manifest.releases[state.source]
-    tag = f"v{state.onto}"
-    commits = run_git(["rev-list", "--reverse", f"{tag}..HEAD"], work).split()
-    skipped = set(state.in_base) | set(state.emptied)
-    carried = [p for p in state.patches if _number(p) not in skipped]
+def _commits_by_path(
+    work: Path, state: RebaseState, commits: list[str], carried: list[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """The replayed (patch, commit) pairs of each file, in order; one file per patch."""
     if len(commits) != len(carried):
         msg = f"{work} has {len(commits)} commits for {len(carried)} patches; run --abort"
         raise PatchToolError(msg)
@@ -399,46 +396,58 @@ def _finish(work: Path, state: RebaseState) -> RebaseResult:
             msg = f"patch {patch} touches {len(files)} files on vLLM {state.onto}; one is expected"
             raise PatchToolError(msg)
         by_path.setdefault(files[0], []).append((patch, commit))
+    return by_path
 
+
+def _group_for(
+    work: Path, manifest: Manifest, state: RebaseState, old: Group, chain: list[tuple[str, str]]
+) -> Group:
+    """An existing group that gives the same result from the same base, or a new one (with
+    no patches yet: they are exported afterwards)."""
+    tag = f"v{state.onto}"
+    base = _file_at(work, tag, old.path)
+    base_sha = sha256_bytes(base) if base is not None else ""
+    numbers = tuple(_number(p) for p, _ in chain)
+    final = _file_at(work, "HEAD", old.path)
+    final_sha = sha256_bytes(final) if final is not None else None
+    for group in manifest.groups_for(old.path):
+        same_base = group.base_sha256 == base_sha and group.numbers == numbers
+        if same_base and group.results and group.results[-1] == final_sha:
+            return group
+    released = read_sdist_file(state.onto, old.path)
+    if (sha256_bytes(released) if released is not None else "") != base_sha:
+        msg = (
+            f"{old.path} in {work} at v{state.onto} differs from vLLM {state.onto}'s sdist; "
+            "a series is recorded against released files: --abort, and rebase onto "
+            "the release itself"
+        )
+        raise PatchToolError(msg)
+    name = f"{_group_prefix(old)}-{state.onto}"
+    if name in manifest.groups or (PATCHES_DIR / name).exists():
+        msg = f"patches/{name} already exists; remove it (it belongs to no release?) first"
+        raise PatchToolError(msg)
+    return Group(name, old.path, state.onto, base_sha, (), ())
+
+
+def _finish(work: Path, state: RebaseState) -> RebaseResult:
+    _lint(work, state)
+    manifest = load_manifest()
+    source = manifest.releases[state.source]
+    tag = f"v{state.onto}"
+    commits = run_git(["rev-list", "--reverse", f"{tag}..HEAD"], work).split()
+    skipped = set(state.in_base) | set(state.emptied)
+    carried = [p for p in state.patches if _number(p) not in skipped]
+    by_path = _commits_by_path(work, state, commits, carried)
     groups: list[Group] = []
     new_dirs: dict[str, list[tuple[str, str]]] = {}
     for old in source.groups:
         chain = by_path.pop(old.path, [])
         if not chain:
             continue
-        base = _file_at(work, tag, old.path)
-        base_sha = sha256_bytes(base) if base is not None else ""
-        numbers = tuple(_number(p) for p, _ in chain)
-        final = _file_at(work, "HEAD", old.path)
-        reuse = next(
-            (
-                g
-                for g in manifest.groups_for(old.path)
-                if g.base_sha256 == base_sha
-                and g.numbers == numbers
-                and final is not None
-                and g.results
-                and g.results[-1] == sha256_bytes(final)
-            ),
-            None,
-        )
-        if reuse is not None:
-            groups.append(reuse)
-            continue
-        released = read_sdist_file(state.onto, old.path)
-        if (sha256_bytes(released) if released is not None else "") != base_sha:
-            msg = (
-                f"{old.path} in {work} at v{state.onto} differs from vLLM {state.onto}'s sdist; "
-                "a series is recorded against released files: --abort, and rebase onto "
-                "the release itself"
-            )
-            raise PatchToolError(msg)
-        name = f"{_group_prefix(old)}-{state.onto}"
-        if name in manifest.groups or (PATCHES_DIR / name).exists():
-            msg = f"patches/{name} already exists; remove it (it belongs to no release?) first"
-            raise PatchToolError(msg)
-        new_dirs[name] = chain
-        groups.append(Group(name, old.path, state.onto, base_sha, (), ()))
+        group = _group_for(work, manifest, state, old, chain)
+        if not group.patches:
+            new_dirs[group.name] = chain
+        groups.append(group)
     if by_path:
         msg = f"the replayed series touches files its groups do not know: {sorted(by_path)}"
         raise PatchToolError(msg)
@@ -465,6 +474,29 @@ def _finish(work: Path, state: RebaseState) -> RebaseResult:
     )
 
 
+def _upstream_marks(
+    manifest: Manifest, state: RebaseState
+) -> tuple[dict[str, PatchInfo], dict[Path, tuple[str, str]]]:
+    """The patches found upstream at ``state.onto``: their first release, and each stored
+    copy's text before and after marking it ``Upstream-Status: Backport``."""
+    patches = dict(manifest.patches)
+    rewritten: dict[Path, tuple[str, str]] = {}
+    for number in state.in_base:
+        info = patches[number]
+        if not info.first_release or Version(info.first_release) > Version(state.onto):
+            patches[number] = replace(info, first_release=state.onto)
+        where = f"{info.upstream}, v{patches[number].first_release}".lstrip(", ")
+        stored = [rel for g in manifest.groups.values() for rel in g.patches]
+        for rel in stored:
+            path = PATCHES_DIR / rel
+            if _number(rel) != number:
+                continue
+            text = path.read_text()
+            if _mark_upstream(text, where) != text:
+                rewritten[path] = (text, _mark_upstream(text, where))
+    return patches, rewritten
+
+
 def _write(
     manifest: Manifest, state: RebaseState, groups: list[Group], staged: Path, new: list[str]
 ) -> None:
@@ -473,20 +505,7 @@ def _write(
     On any failure everything written is put back.
     """
     source = manifest.releases[state.source]
-    patches = dict(manifest.patches)
-    rewritten: dict[Path, tuple[str, str]] = {}
-    for number in state.in_base:
-        info = patches[number]
-        if not info.first_release or Version(info.first_release) > Version(state.onto):
-            patches[number] = replace(info, first_release=state.onto)
-        where = f"{info.upstream}, v{patches[number].first_release}".lstrip(", ")
-        for group in manifest.groups.values():
-            for rel in group.patches:
-                if _number(rel) == number:
-                    path = PATCHES_DIR / rel
-                    text = path.read_text()
-                    if _mark_upstream(text, where) != text:
-                        rewritten[path] = (text, _mark_upstream(text, where))
+    patches, rewritten = _upstream_marks(manifest, state)
     upstream = tuple(sorted(set(source.upstream) | set(state.in_base)))
     releases = dict(manifest.releases)
     releases[state.onto] = Release(state.onto, tuple(groups), upstream)

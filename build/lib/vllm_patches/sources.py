@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +24,10 @@ from tqdm import tqdm
 
 from vllm_patches._fs import write_atomic
 from vllm_patches._git import GIT_IDENTITY, run_git
+from vllm_patches._index import open_url, pip_command, project_files
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 
-SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 CHUNK = 1 << 20
 
 
@@ -66,21 +63,6 @@ def parse_version(text: str) -> Version:
         raise PatchToolError(msg) from None
 
 
-def index_url() -> str:
-    """The index pip is configured with (``PIP_INDEX_URL``, ``pip config``, else pip's default)."""
-    url = os.environ.get("PIP_INDEX_URL")
-    if not url:
-        proc = run_subprocess(
-            [sys.executable, "-m", "pip", "config", "get", "global.index-url"], check=False
-        )
-        url = proc.stdout.strip() if proc.returncode == 0 else ""
-    if not url:
-        from pip._internal.models.index import PyPI
-
-        url = PyPI.simple_url
-    return url.rstrip("/") + "/"
-
-
 @dataclass(frozen=True)
 class Sdist:
     """An sdist listed by the index."""
@@ -92,23 +74,11 @@ class Sdist:
     size: int | None
 
 
-def _fetch_json(url: str) -> dict:
-    request = urllib.request.Request(url, headers={"Accept": SIMPLE_JSON})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)
-    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-        msg = f"cannot read the package index at {url} ({exc}); check pip's index configuration"
-        raise PatchToolError(msg) from exc
-
-
 def list_sdists(project: str = "vllm") -> dict[str, Sdist]:
     """Every sdist of ``project`` on the configured index, by version."""
-    page = index_url() + f"{project}/"
-    data = _fetch_json(page)
     found: dict[str, Sdist] = {}
     prefix = f"{project}-"
-    for entry in data.get("files", []):
+    for page, entry in reversed(project_files(project)):  # the main index's files win
         name = entry["filename"]
         if not (name.startswith(prefix) and name.endswith(".tar.gz")) or entry.get("yanked"):
             continue
@@ -128,7 +98,7 @@ def final_releases(project: str, first: str) -> list[str]:
     yanked is left out.
     """
     found: set[Version] = set()
-    for entry in _fetch_json(index_url() + f"{project}/").get("files", []):
+    for _, entry in project_files(project):
         name = entry["filename"]
         try:
             if name.endswith(".whl"):
@@ -156,7 +126,7 @@ def _download(sdist: Sdist, dest: Path) -> None:
     digest = hashlib.sha256()
     try:
         with (
-            urllib.request.urlopen(sdist.url, timeout=300) as response,
+            open_url(sdist.url, timeout=300) as response,
             tmp.open("wb") as out,
             tqdm(
                 total=sdist.size,
@@ -171,10 +141,13 @@ def _download(sdist: Sdist, dest: Path) -> None:
                 out.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except (TimeoutError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         msg = f"downloading {sdist.filename} failed ({exc}); run the command again"
-        raise PatchToolError(msg) from exc
+        raise PatchToolError(msg) from None
+    except BaseException:  # our own errors, Ctrl-C, SIGTERM: no .part is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != sdist.sha256:
         tmp.unlink()
         msg = (
@@ -316,7 +289,7 @@ def download_wheel(version: str) -> Path:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     run_subprocess(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        [*pip_command(), "download", "--no-deps", "--only-binary", ":all:",
          "--dest", cache, f"vllm=={version}"],
         what=f"pip download vllm=={version}",
     )  # fmt: skip

@@ -18,15 +18,7 @@ from vllm_patches.sources import parse_version
 
 TargetKind = Literal["git", "tree", "site"]
 
-_QUERY = """
-import importlib.metadata as md, json, sys
-try:
-    dist = md.distribution("vllm")
-except md.PackageNotFoundError:
-    print(json.dumps(None)); sys.exit(0)
-print(json.dumps({"version": dist.version, "site": str(dist.locate_file("")),
-                  "dist_info": str(getattr(dist, "_path", ""))}))
-"""
+QUERY = Path(__file__).parent / "probes" / "vllm_dist.py"
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,7 @@ def _git_version(root: Path) -> str | None:
 
 def installed_vllm(python: str) -> Target:
     """The vLLM installed in interpreter ``python``."""
-    proc = run_subprocess([python, "-c", _QUERY], what=f"{python} (looking up vllm)")
+    proc = run_subprocess([python, QUERY], what=f"{python} (looking up vllm)")
     try:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):

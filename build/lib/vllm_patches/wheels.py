@@ -3,7 +3,6 @@ bytes, streaming), build one from a patched checkout, and verify one."""
 
 from __future__ import annotations
 
-import base64
 import copy
 import csv
 import hashlib
@@ -14,13 +13,14 @@ import struct
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from vllm_patches._proc import logger
+from vllm_patches._record import encode_digest, parse_record, record_hash
 from vllm_patches.errors import PatchToolError
 from vllm_patches.series import Group, Release, load_manifest, sha256_bytes
 
@@ -32,11 +32,6 @@ CHUNK = 1 << 20
 STALE_PART_SECONDS = 600
 """A repack's ``.part`` file older than this was left by an interrupted run (a repack of the
 248 MB official wheel takes well under a second)."""
-
-
-def record_hash(data: bytes) -> str:
-    """RECORD's ``sha256=<urlsafe base64, no padding>``."""
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def patched_version(version: str) -> str:
@@ -262,7 +257,7 @@ def repack(wheel: Path, out_dir: Path, *, force: bool = False, version: str | No
             f"{info.dist_info[: -len('.dist-info')]}.data/",
             f"vllm-{new_version}.data/",
         )
-        record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
+        record = parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
         _out_dir(out_dir)
         final = out_dir / f"vllm-{new_version}-{info.tags}.whl"
         fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".vllm-repack-", suffix=".whl.part")
@@ -278,10 +273,6 @@ def repack(wheel: Path, out_dir: Path, *, force: bool = False, version: str | No
             tmp.unlink(missing_ok=True)
             raise
     return final
-
-
-def _parse_record(text: str) -> dict[str, tuple[str, str]]:
-    return {row[0]: (row[1], row[2]) for row in csv.reader(io.StringIO(text)) if row}
 
 
 def _rename(name: str, old_dist: str, new_dist: str, old_data: str, new_data: str) -> str:
@@ -326,57 +317,73 @@ def _write(
     skip = {f"{info.dist_info}/{n}" for n in ("RECORD", "RECORD.jws", "RECORD.p7s")}
     members = sorted(zf.infolist(), key=lambda m: m.header_offset)
     ends = [m.header_offset for m in members[1:]] + [zf.start_dir]
-    run: list[zipfile.ZipInfo] = []
     with zipfile.ZipFile(tmp, "w") as out:
+        runs = _Runs(zf, out)
         for member in members:
             if member.filename in skip:
-                if run:
-                    _copy_run(zf, run, member.header_offset, out)
-                    run = []
+                runs.flush(member.header_offset)
                 continue
             name = _rename(member.filename, info.dist_info, new_dist, old_data, new_data)
             data = _new_bytes(zf, member, info.dist_info, replacements, new_version)
-            if data is None:
-                if name == member.filename:
-                    run.append(member)
-                else:
-                    if run:
-                        _copy_run(zf, run, member.header_offset, out)
-                        run = []
-                    _copy_raw(zf, member, out, name)
-                hashed = record.get(member.filename)
-                if hashed is None and not member.is_dir():
-                    msg = (
-                        f"{info.path.name}: {member.filename} is not in RECORD; the wheel is broken"
-                    )
-                    raise PatchToolError(msg)
-                if hashed is not None:
-                    rows.append((name, *hashed))
-            else:
-                if run:
-                    _copy_run(zf, run, member.header_offset, out)
-                    run = []
+            if data is not None:
+                runs.flush(member.header_offset)
                 target = zipfile.ZipInfo(name, date_time=member.date_time)
                 target.external_attr = member.external_attr
                 target.compress_type = zipfile.ZIP_DEFLATED
                 out.writestr(target, data)
                 rows.append((name, record_hash(data), str(len(data))))
-        if run:
-            _copy_run(zf, run, ends[members.index(run[-1])], out)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerows(rows)
-        writer.writerow((f"{new_dist}/RECORD", "", ""))
-        record_info = zipfile.ZipInfo(f"{new_dist}/RECORD", date_time=(1980, 1, 1, 0, 0, 0))
-        record_info.compress_type = zipfile.ZIP_DEFLATED
-        record_info.external_attr = 0o644 << 16
-        out.writestr(record_info, buffer.getvalue())
+                continue
+            if name == member.filename:
+                runs.pending.append(member)
+            else:
+                runs.flush(member.header_offset)
+                _copy_raw(zf, member, out, name)
+            rows += _kept_row(info, member, record, name)
+        if runs.pending:
+            runs.flush(ends[members.index(runs.pending[-1])])
+        _write_record(out, new_dist, rows)
+
+
+@dataclass
+class _Runs:
+    """Consecutive unchanged members, copied as one byte range when the run ends."""
+
+    src: zipfile.ZipFile
+    out: zipfile.ZipFile
+    pending: list[zipfile.ZipInfo] = field(default_factory=list)
+
+    def flush(self, end: int) -> None:
+        if self.pending:
+            _copy_run(self.src, self.pending, end, self.out)
+            self.pending = []
+
+
+def _kept_row(
+    info: WheelInfo, member: zipfile.ZipInfo, record: dict[str, tuple[str, str]], name: str
+) -> list[tuple[str, str, str]]:
+    """The RECORD row of a member copied unchanged (under its new name)."""
+    hashed = record.get(member.filename)
+    if hashed is None and not member.is_dir():
+        msg = f"{info.path.name}: {member.filename} is not in RECORD; the wheel is broken"
+        raise PatchToolError(msg)
+    return [] if hashed is None else [(name, *hashed)]
+
+
+def _write_record(out: zipfile.ZipFile, new_dist: str, rows: list[tuple[str, str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows(rows)
+    writer.writerow((f"{new_dist}/RECORD", "", ""))
+    record_info = zipfile.ZipInfo(f"{new_dist}/RECORD", date_time=(1980, 1, 1, 0, 0, 0))
+    record_info.compress_type = zipfile.ZIP_DEFLATED
+    record_info.external_attr = 0o644 << 16
+    out.writestr(record_info, buffer.getvalue())
 
 
 def record_problems(zf: zipfile.ZipFile, info: WheelInfo) -> list[str]:
     """Every member whose hash or size RECORD does not state, and every row without a member."""
     try:
-        record = _parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
+        record = parse_record(zf.read(f"{info.dist_info}/RECORD").decode())
     except KeyError:
         return [f"no {info.dist_info}/RECORD"]
     problems: list[str] = []
@@ -391,7 +398,7 @@ def record_problems(zf: zipfile.ZipFile, info: WheelInfo) -> list[str]:
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
         expected_hash, expected_size = record[member.filename]
-        got = "sha256=" + base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+        got = encode_digest(digest.digest())
         if got != expected_hash or str(member.file_size) != expected_size:
             problems.append(f"{member.filename}: RECORD says {expected_hash},{expected_size}")
     for name in record:
