@@ -103,11 +103,11 @@ class Diagnosis:
         return out
 
 
-def _overlay_for(python: str | Path) -> str | None:
-    """The series' connector file for the vLLM in ``python`` (where doctor takes the check
-    from when that vLLM is not patched); None for a release without a series."""
+def _overlay_for(version: str) -> str | None:
+    """The series' connector file for vLLM ``version`` (where doctor takes the check from
+    when that vLLM is not patched); None for a release without a series."""
     try:
-        release = load_manifest().release(installed_vllm(str(python)).version)
+        release = load_manifest().release(version)
     except PatchToolError:
         return None
     group = next((g for g in release.groups if g.path == CONNECTOR), None)
@@ -118,7 +118,8 @@ def _static(python: str | Path, layers: list[str | None], env: dict[str, str]) -
     """Run the static probe once, vLLM imported once, a forked child per layer."""
     with tempfile.TemporaryDirectory(prefix="vllm-patches-doctor-") as tmp:
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"layers": layers, "overlay": _overlay_for(python)}))
+        overlay = _overlay_for(installed_vllm(str(python)).version)  # no vLLM: one clear error
+        spec.write_text(json.dumps({"layers": layers, "overlay": overlay}))
         full_env = {"LMCACHE_LOG_LEVEL": "ERROR", **env}
         proc = run_subprocess([python, STATIC, spec], env=full_env, what="doctor's probe")
     found: list[Diagnosis] = []
