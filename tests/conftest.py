@@ -25,11 +25,20 @@ INDEX_FIXTURES = {"git_tree", "plain_tree", "fake_site", "small_wheel"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that reach the index are ``network``: the sdist-backed fixtures, and ``slow``."""
+    """Tests that reach the index are ``network``: the sdist-backed fixtures, and ``slow``.
+
+    The hermetic tier runs first, then ``network``, then ``slow``: a run fails fast.
+    """
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         if uses & INDEX_FIXTURES or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.network)
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is not None,
+            item.get_closest_marker("network") is not None,
+        )
+    )
 
 
 USER_IDENTITY = ("-c", "user.name=A User", "-c", "user.email=user@example.org")
