@@ -88,8 +88,13 @@ def image(tmp_path):
 def tool_wheel(tmp_path_factory) -> Path:
     """This project's own wheel, as the README builds it."""
     dist = tmp_path_factory.mktemp("dist")
+    # From a clean copy: setuptools builds in the source tree (build/), which must not
+    # collect stale files across runs, nor litter the clone.
+    source = tmp_path_factory.mktemp("src") / "vllm-lmcache-mp"
+    ignore = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO_ROOT, source, ignore=ignore)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, REPO_ROOT],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, source],
         check=True,
         capture_output=True,
     )
