@@ -213,3 +213,18 @@ def run_tool(project: Path, tool: str, *args: str | Path) -> subprocess.Complete
         env=env,
         check=False,
     )
+
+
+def assert_record_true(site: Path) -> None:
+    """Every row of the installed vLLM's RECORD states its file's hash and size, and every file
+    below ``site`` has a row (so that ``pip uninstall`` removes it)."""
+    import csv
+
+    record = next(site.glob("vllm-*.dist-info")) / "RECORD"
+    rows = {r[0]: r for r in csv.reader(record.read_text().splitlines())}
+    for rel, row in rows.items():
+        if row[1]:
+            data = (site / rel).read_bytes()
+            assert row[1:] == [record_hash(data), str(len(data))], rel
+    listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
+    assert listed <= set(rows), "every file must be in RECORD so that pip uninstall removes it"

@@ -6,7 +6,14 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import SUPPORTED, USER_IDENTITY, connector_bytes, tree_snapshot, upstream_patches
+from conftest import (
+    SUPPORTED,
+    USER_IDENTITY,
+    assert_record_true,
+    connector_bytes,
+    tree_snapshot,
+    upstream_patches,
+)
 from vllm_patches.series import CONNECTOR, OVERLAY_DIR
 
 
@@ -247,10 +254,6 @@ def _record(site):
 
 @pytest.mark.parametrize("version", ["0.12.0", "0.21.0"])
 def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, version):
-    import base64
-    import csv
-    import hashlib
-
     python, site = fake_site(version)
     before = tree_snapshot(site)
     assert apply_cli("--python", python)[0] == 0
@@ -261,14 +264,7 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     assert ("0008 upstream" if version == "0.21.0" else "0008 applied") in out
     assert "0009 applied" in out
     assert "0003" not in out and "0010" not in out
-    rows = {r[0]: r for r in csv.reader(_record(site).read_text().splitlines())}
-    for rel, row in rows.items():
-        if row[1]:
-            data = (site / rel).read_bytes()
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            assert row[1:] == [f"sha256={digest}", str(len(data))], rel
-    listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
-    assert listed <= set(rows), "every file must be in RECORD so that pip uninstall removes it"
+    assert_record_true(site)
     assert apply_cli("--python", python)[1].endswith("is already patched: nothing to do\n")
     assert apply_cli("--revert", "--python", python)[0] == 0
     assert tree_snapshot(site) == before

@@ -6,15 +6,12 @@ tests/programs/crash_after_writes.py); the next command finds the journal and ro
 
 from __future__ import annotations
 
-import base64
-import csv
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import USER_IDENTITY, tree_snapshot
+from conftest import USER_IDENTITY, assert_record_true, tree_snapshot
 from vllm_patches import _journal as journal
 from vllm_patches._journal import JOURNAL_NAME
 from vllm_patches.apply import journal_of
@@ -28,18 +25,6 @@ def _run(limit: int, *args) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, CRASHER, str(limit), *map(str, args)], capture_output=True, text=True
     )
-
-
-def _record_is_true(site: Path) -> None:
-    record = next(site.glob("vllm-*.dist-info")) / "RECORD"
-    rows = {r[0]: r for r in csv.reader(record.read_text().splitlines())}
-    for rel, row in rows.items():
-        if row[1]:
-            data = (site / rel).read_bytes()
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            assert row[1:] == [f"sha256={digest}", str(len(data))], rel
-    listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
-    assert listed <= set(rows)
 
 
 @pytest.fixture(params=["site", "tree"])
@@ -79,7 +64,7 @@ def test_a_crash_after_any_write_is_rolled_back_by_the_next_command(target, reve
         assert tree_snapshot(root) == done, k
         assert not list(root.rglob(JOURNAL_NAME))
         if args[0] == "--python":
-            _record_is_true(root)
+            assert_record_true(root)
         assert _run(0, *back, *args).returncode == 0
         assert tree_snapshot(root) == start, k
 
@@ -93,7 +78,7 @@ def test_an_empty_backup_directory_does_not_block_apply(fake_site):
     assert backup.is_dir()  # --check changes nothing
     done = _run(0, "--python", python)
     assert done.returncode == 0 and "removed the empty" in done.stdout, done.stderr
-    _record_is_true(site)
+    assert_record_true(site)
 
 
 @pytest.mark.parametrize("in_progress", [False, True], ids=["killed-between", "am-in-progress"])

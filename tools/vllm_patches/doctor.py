@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from vllm_patches._proc import run_subprocess, stopped_on_signals
 from vllm_patches.errors import PatchToolError
-from vllm_patches.live import Layer, build_layers, failed_step, works
+from vllm_patches.live import Layer, build_layers, failed_step, per_layer_results, works
 from vllm_patches.lmcache_server import ServerPool
 from vllm_patches.matrix import shipped, starts_with
 from vllm_patches.series import CONNECTOR, load_manifest
@@ -122,19 +122,7 @@ def _static(python: str | Path, layers: list[str | None], env: dict[str, str]) -
         spec.write_text(json.dumps({"layers": layers, "overlay": overlay}))
         full_env = {"LMCACHE_LOG_LEVEL": "ERROR", **env}
         proc = run_subprocess([python, STATIC, spec], env=full_env, what="doctor's probe")
-    found: list[Diagnosis] = []
-    pending: dict | None = None
-    failure = ""
-    for line in proc.stdout.splitlines():
-        if line.startswith("DOCTOR "):
-            pending = json.loads(line[len("DOCTOR ") :])
-        elif line.startswith("FAILED "):
-            failure = line[len("FAILED ") :]
-        elif line.startswith("LAYER "):
-            status = failure or line.split(" ", 2)[2]
-            failed = {"candidates": [], "import_error": f"the probe failed: {status}"}
-            found.append(Diagnosis(pending if pending is not None else failed))
-            pending, failure = None, ""
+    found = [Diagnosis(data) for data in per_layer_results(proc.stdout, "DOCTOR")]
     if len(found) != len(layers):
         msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
         raise PatchToolError(msg)

@@ -107,18 +107,24 @@ def build_layers(
         proc = run_subprocess(
             [python, PROBE, spec], cwd=Path(tmp), env=full_env, what="building the connectors"
         )
+    return per_layer_results(proc.stdout, "BUILD")
+
+
+def per_layer_results(stdout: str, tag: str) -> list[dict]:
+    """What a probe's forked children printed (``probes/connector_build.per_layer``), one per
+    layer; a child that died is ``{"candidates": [], "import_error": "the probe failed: ..."}``.
+    """
     found: list[dict] = []
     pending: dict | None = None
     failure = ""
-    for line in proc.stdout.splitlines():
-        if line.startswith("BUILD "):
-            pending = json.loads(line[len("BUILD ") :])
+    for line in stdout.splitlines():
+        if line.startswith(f"{tag} "):
+            pending = json.loads(line[len(tag) + 1 :])
         elif line.startswith("FAILED "):
             failure = line[len("FAILED ") :]
         elif line.startswith("LAYER "):
             status = failure or line.split(" ", 2)[2]
-            found.append(
-                pending or {"candidates": [], "import_error": f"the probe failed: {status}"}
-            )
+            failed = {"candidates": [], "import_error": f"the probe failed: {status}"}
+            found.append(pending if pending is not None else failed)
             pending, failure = None, ""
     return found

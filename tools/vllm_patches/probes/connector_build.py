@@ -26,6 +26,7 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -308,26 +309,28 @@ def diagnose(server: str | None, model_dir: str) -> dict[str, Any]:
     return out
 
 
-def main(spec_path: str) -> None:
-    """Import vLLM once, then diagnose each layer in a forked child."""
-    spec = json.loads(Path(spec_path).read_text())
+def per_layer(
+    tag: str, layers: list[str | None], diagnose_one: Callable[[int], dict[str, Any]]
+) -> None:
+    """Import what every diagnosis shares once, then run ``diagnose_one(i)`` in a forked child
+    with layer ``i`` first on ``sys.path``; each child prints ``TAG {json}`` (or ``FAILED``),
+    the parent ``LAYER i exit code N``."""
     for shared in SHARED:
         importlib.import_module(shared)
     if any(name.split(".")[0] == "lmcache" for name in sys.modules):
         msg = "lmcache was imported before the layers were put on sys.path"
         raise RuntimeError(msg)
-    for index, layer in enumerate(spec["layers"]):
+    for index, layer in enumerate(layers):
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             code = 0
-            if layer["path"]:
-                sys.path.insert(0, layer["path"])
+            if layer:
+                sys.path.insert(0, layer)
                 importlib.invalidate_caches()
             try:
-                result = diagnose(layer["server"], spec["model_dir"])
-                print("BUILD " + json.dumps(result), flush=True)
+                print(f"{tag} " + json.dumps(diagnose_one(index)), flush=True)
             except BaseException as exc:
                 traceback.print_exc()
                 print(f"FAILED {error_text(exc)}", flush=True)
@@ -337,6 +340,17 @@ def main(spec_path: str) -> None:
             os._exit(code)
         _, status = os.waitpid(pid, 0)
         print(f"LAYER {index} exit code {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+def main(spec_path: str) -> None:
+    """Import vLLM once, then build each layer's candidates in a forked child."""
+    spec = json.loads(Path(spec_path).read_text())
+    layers = spec["layers"]
+    per_layer(
+        "BUILD",
+        [layer["path"] for layer in layers],
+        lambda i: diagnose(layers[i]["server"], spec["model_dir"]),
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -25,10 +24,10 @@ from typing import Any
 
 # Run by path, this file's directory is first on sys.path: its sibling imports as a module.
 from connector_build import (
-    SHARED,
     VLLM_MODULE,
     error_text,
     lmcache_modules,
+    per_layer,
     unmet,
     version,
 )
@@ -144,31 +143,7 @@ def diagnose(overlay: str | None) -> dict[str, Any]:
 def main(spec_path: str) -> None:
     """Import what every diagnosis shares once, then diagnose each layer in a forked child."""
     spec = json.loads(Path(spec_path).read_text())
-    for shared in SHARED:
-        importlib.import_module(shared)
-    if any(name.split(".")[0] == "lmcache" for name in sys.modules):
-        msg = "lmcache was imported before the layers were put on sys.path"
-        raise RuntimeError(msg)
-    for index, layer in enumerate(spec["layers"]):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            if layer:
-                sys.path.insert(0, layer)
-                importlib.invalidate_caches()
-            try:
-                print("DOCTOR " + json.dumps(diagnose(spec["overlay"])), flush=True)
-            except BaseException as exc:
-                traceback.print_exc()
-                print(f"FAILED {error_text(exc)}", flush=True)
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(f"LAYER {index} exit code {os.waitstatus_to_exitcode(status)}", flush=True)
+    per_layer("DOCTOR", spec["layers"], lambda _: diagnose(spec["overlay"]))
 
 
 if __name__ == "__main__":
