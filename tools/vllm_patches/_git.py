@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vllm_patches._proc import run_subprocess
 from vllm_patches.errors import PatchToolError
@@ -31,6 +33,17 @@ def run_git(
     """
     proc = run_subprocess(["git", *args], cwd=cwd, env=env, check=check, what=f"git {args[0]}")
     return proc.stdout
+
+
+def run_git_unchecked(
+    args: Sequence[str | os.PathLike[str]],
+    cwd: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    text: bool = True,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``git args`` in ``cwd`` whatever its exit; the caller reads ``returncode``."""
+    return run_subprocess(["git", *args], cwd=cwd, env=env, check=False, text=text)
 
 
 def git_ok(args: Sequence[str | os.PathLike[str]], cwd: Path) -> bool:

@@ -24,9 +24,10 @@ from vllm_patches._git import (
     git_ok,
     require_tagged_checkout,
     run_git,
+    run_git_unchecked,
     tracked_changes,
 )
-from vllm_patches._proc import logger, run_subprocess
+from vllm_patches._proc import logger
 from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.overlay import dump_manifest, regenerate
 from vllm_patches.precommit import run_hooks
@@ -39,6 +40,7 @@ from vllm_patches.series import (
     Manifest,
     PatchInfo,
     Release,
+    branch_name,
     load_manifest,
     sha256_bytes,
 )
@@ -169,14 +171,14 @@ def start(
         old_tag = f"v{release.version}"
         refspec = f"refs/tags/{old_tag}:refs/tags/{old_tag}"
         run_git(["fetch", "-q", "--no-tags", str(old_base), refspec], work)
-        run_git(["checkout", "-q", "-b", f"vllm-lmcache-mp/v{release.version}", old_tag], work)
+        run_git(["checkout", "-q", "-b", release.branch, old_tag], work)
         run_git(
             ["am", "-q", "-3", "--keep-non-patch", *(str(PATCHES_DIR / p) for p in patches)],
             work,
             env=GIT_IDENTITY,
         )
         old_tip = _head(work)
-        run_git(["checkout", "-q", "-b", f"vllm-lmcache-mp/v{onto}", f"v{onto}"], work)
+        run_git(["checkout", "-q", "-b", branch_name(onto), f"v{onto}"], work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -263,11 +265,8 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
     while state.next < len(state.patches):
         patch = state.patches[state.next]
         head = _head(work)
-        proc = run_subprocess(
-            ["git", "am", "-3", "--keep-non-patch", str(PATCHES_DIR / patch)],
-            cwd=work,
-            env=GIT_IDENTITY,
-            check=False,
+        proc = run_git_unchecked(
+            ["am", "-3", "--keep-non-patch", str(PATCHES_DIR / patch)], work, env=GIT_IDENTITY
         )
         if proc.returncode == 0 and _head(work) == head:
             # "No changes -- Patch already applied.": the base has the change.
@@ -322,7 +321,7 @@ def _group_prefix(group: Group) -> str:
 
 
 def _file_at(work: Path, rev: str, path: str) -> bytes | None:
-    proc = run_subprocess(["git", "show", f"{rev}:{path}"], cwd=work, check=False, text=False)
+    proc = run_git_unchecked(["show", f"{rev}:{path}"], work, text=False)
     return proc.stdout if proc.returncode == 0 else None
 
 

@@ -41,6 +41,11 @@ CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.p
 PATCH_NAME = re.compile(r"^(\d{4})-[\w.-]+\.patch$")
 
 
+def branch_name(version: str) -> str:
+    """The branch the series of vLLM ``version`` is applied on, in a git checkout."""
+    return f"vllm-lmcache-mp/v{version}"
+
+
 def require_clone(what: str) -> None:
     """Refuse a contributor workflow where the series is the installed, read-only copy."""
     if not IN_CLONE:
@@ -139,7 +144,7 @@ class Release:
 
     @property
     def branch(self) -> str:
-        return f"vllm-lmcache-mp/v{self.version}"
+        return branch_name(self.version)
 
 
 @dataclass

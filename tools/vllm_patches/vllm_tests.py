@@ -16,7 +16,7 @@ from vllm_patches import _journal as journal
 from vllm_patches._fs import write_atomic
 from vllm_patches._proc import run_subprocess
 from vllm_patches.apply import apply, journal_of, recover, status
-from vllm_patches.envs import TEST_DEPS, default_lmcache, pip, vllm_env
+from vllm_patches.envs import TEST_DEPS, TORCH, default_lmcache, pip, vllm_env
 from vllm_patches.errors import PatchToolError
 from vllm_patches.overlay import group_results
 from vllm_patches.series import load_manifest
@@ -212,7 +212,7 @@ def run_vllm_tests(
         change = {g.path: group_results(g)[1][-1] for g in release.groups}
     lmcache = lmcache or default_lmcache(version)
     python = vllm_env(version, lmcache)
-    pip(python, "install", "-q", "torch==2.13.0", *TEST_DEPS)
+    pip(python, "install", "-q", TORCH, *TEST_DEPS)
     site = installed_vllm(str(python))
     recover(site)
     if status(site, manifest).overall != "unpatched":
