@@ -36,7 +36,12 @@ class _Parser(argparse.ArgumentParser):
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A top-level parser: ``--version`` is the tool's, ``-v`` works before or after a command."""
     parser = _Parser(prog=prog, description=description)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_tool_version()}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_tool_version()}",
+        help="print this tool's version and exit",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is run")
     return parser
 
@@ -452,7 +457,12 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--from-wheel", type=Path, metavar="PATH", help="the official wheel")
     source.add_argument("--download", action="store_true", help="fetch it through pip (default)")
     source.add_argument("--from-source", action="store_true", help="build the patched checkout")
-    p.add_argument("--target-device", default="empty", choices=["empty", "cpu", "cuda"])
+    p.add_argument(
+        "--target-device",
+        default="empty",
+        choices=["empty", "cpu", "cuda"],
+        help="with --from-source: VLLM_TARGET_DEVICE (empty builds no kernels)",
+    )
     p.add_argument("--out", type=Path, default=Path("dist"), help="output directory")
     p.add_argument("--force", action="store_true", help="replace files that are not the originals")
     p.set_defaults(func=_cmd_wheel)
