@@ -149,16 +149,17 @@ def test_env_zero_does_not_force(patched, tmp_path):
 
 def test_importable_lmcache_module_wins(patched, tmp_path):
     version, python, _, _ = patched
-    # On 0.21.0 serve lmcache's real frozen connector (it imports there) under the main name;
-    # lmcache 0.3.9.post2 (the one vLLM 0.12.0 imports with) has no MP connector: a fake class.
+    # On 0.21.0 serve lmcache's real frozen connector that works there with lmcache 0.5.3
+    # (built for real: _0201) under the main name; lmcache 0.3.9.post2 (the one vLLM 0.12.0
+    # imports with) has no MP connector: a fake class.
     source = (
-        "from lmcache.integration.vllm.lmcache_mp_connector_0180 import LMCacheMPConnector\n"
+        "from lmcache.integration.vllm.lmcache_mp_connector_0201 import LMCacheMPConnector\n"
         if version == "0.21.0"
         else GOOD
     )
     result = probe(python, pythonpath=[fake_lmcache_module(tmp_path, source)])
     expected = (
-        "lmcache.integration.vllm.lmcache_mp_connector_0180.LMCacheMPConnector"
+        "lmcache.integration.vllm.lmcache_mp_connector_0201.LMCacheMPConnector"
         if version == "0.21.0"
         else f"{LMCACHE_MODULE}.LMCacheMPConnector"
     )
@@ -226,12 +227,16 @@ def vllm_021():
     apply(site, revert=True)
 
 
-def test_lmcache_050_picks_0180_not_0201_nor_builtin(vllm_021):
-    """lmcache 0.5.0's _0201 imports but its ParallelStrategy call does not bind."""
+def test_lmcache_050_stops_with_the_clear_error(vllm_021):
+    """Built for real against lmcache 0.5.0's server, nothing works on 0.21.0 (_0180:
+    ZMQError, a URL string for server_urls; _0201 and the builtin: ParallelStrategy's arity):
+    the static check sees all three."""
     result = probe(vllm_021, pythonpath=[lmcache_layer(vllm_021, "0.5.0")])
-    assert result.ok and result.cls == FROZEN.format("0180") and result.factory_is_cls
+    assert result.ok and result.cls.endswith(".LMCacheMPConnectorUnavailable")
     line = _clean(result.log)
-    assert "lmcache 0.5.0" in line
+    assert "no connector can be built with vLLM 0.21.0 and lmcache 0.5.0" in line
+    assert "lmcache_mp_connector_0180: cannot be built: LMCacheMPSchedulerAdapter() at line" in line
+    assert "server_urls takes list[str], not a str" in line
     assert "lmcache_mp_connector_0201: cannot be built: ParallelStrategy() at line" in line
 
 
@@ -268,7 +273,12 @@ def test_lmcache_056_stops_with_one_clear_error(vllm_021):
 @pytest.mark.parametrize(
     "module, expected, reason",
     [
-        ("lmcache.integration.vllm.lmcache_mp_connector_0180", FROZEN.format("0180"), "set by"),
+        ("lmcache.integration.vllm.lmcache_mp_connector_0201", FROZEN.format("0201"), "set by"),
+        (
+            "lmcache.integration.vllm.lmcache_mp_connector_0180",
+            "LMCacheMPConnectorUnavailable",
+            "server_urls takes list[str], not a str",
+        ),
         ("no_such_module", "LMCacheMPConnectorUnavailable", "no_such_module is not installed"),
         ("json", "LMCacheMPConnectorUnavailable", "json.LMCacheMPConnector is None"),
     ],
@@ -278,5 +288,6 @@ def test_explicit_module_override(vllm_021, module, expected, reason):
     assert result.ok and result.cls.endswith(expected)
     line = _clean(result.log)
     assert reason in line
-    # The user's choice is the only candidate: the frozen _0201 is never tried instead.
-    assert "lmcache_mp_connector_0201" not in line
+    # The user's choice is the only candidate: no other frozen copy is tried instead.
+    others = {"_0180", "_0201"} - {module[-5:]}
+    assert not any(f"lmcache_mp_connector{o}" in line for o in others)
