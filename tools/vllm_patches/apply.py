@@ -224,16 +224,11 @@ def recover(target: Target) -> str:
     return _recover(target, release, check=False) if release.groups else ""
 
 
-def journal_of(target: Target) -> Path:
-    """Where a change to ``target`` keeps its journal while it runs (for other writers)."""
-    return _journal(target)
-
-
 def _recover(target: Target, release: Release, *, check: bool) -> str:
     """Finish off what an interrupted run left; say what was done ('' when nothing was)."""
     if target.kind == "git":
         return _recover_git(target, release, check=check)
-    found = _journal(target)
+    found = journal_of(target)
     if not found.is_file():
         return _sweep_empty_backup(target, check=check)
     if check:
@@ -336,8 +331,8 @@ def _preflight_tree(target: Target, release: Release, *, reverse: bool) -> dict:
     return plan
 
 
-def _journal(target: Target) -> Path:
-    """Where a change to ``target`` keeps its journal while it runs."""
+def journal_of(target: Target) -> Path:
+    """Where a change to ``target`` keeps its journal while it runs (for other writers too)."""
     return (target.dist_info or target.root) / JOURNAL_NAME
 
 
@@ -345,7 +340,7 @@ def _apply_tree(target: Target, release: Release, *, reverse: bool) -> Outcome:
     plan = _preflight_tree(target, release, reverse=reverse)
     verb = "reverted" if reverse else "applied"
     what = "a revert of the series" if reverse else "an apply of the series"
-    journal.change(_journal(target), target.root, plan, what)
+    journal.change(journal_of(target), target.root, plan, what)
     return Outcome(True, f"{verb} the series of vLLM {release.version} in {target.root}")
 
 
@@ -394,7 +389,7 @@ def _apply_site(target: Target, release: Release) -> Outcome:
         changes[_site_rel(target, backup / extra)] = writes[backup / extra]
     writes[record_path] = rewrite_record(record, changes)
     _check_writable({p.parent for p in writes}, "patch a vLLM you can write to (a venv)")
-    journal.change(_journal(target), target.root, writes, "an apply of the series")
+    journal.change(journal_of(target), target.root, writes, "an apply of the series")
     return Outcome(True, f"applied the series of vLLM {release.version} to {target.root}")
 
 
@@ -404,7 +399,7 @@ def _revert_site(target: Target) -> Outcome:
     backup = target.dist_info / BACKUP_DIR
     # The backup's files go in the same change; only empty directories are left to remove.
     writes.update({p: None for p in backup.rglob("*") if p.is_file()})
-    journal.change(_journal(target), target.root, writes, "a revert of the series")
+    journal.change(journal_of(target), target.root, writes, "a revert of the series")
     shutil.rmtree(backup)
     return Outcome(True, f"restored the original files of vLLM {target.version} in {target.root}")
 

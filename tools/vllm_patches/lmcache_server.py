@@ -151,7 +151,6 @@ class ServerPool:
     """
 
     def __init__(self, log_dir: Path | None = None) -> None:
-        self._own_dir = log_dir is None
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="vllm-patches-servers-"))
         self.servers: dict[str, Server] = {}
         self.failures: dict[str, str] = {}
