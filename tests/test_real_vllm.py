@@ -35,7 +35,7 @@ MAIN = f"{LMCACHE_MODULE}.LMCacheMPConnector"
 DEFAULT = {"0.12.0": BUILTIN, "0.21.0": FROZEN.format("0201"), "0.33.0": MAIN}
 UNAVAILABLE = (
     "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
-    "._unbuildable_lmcache_mp_connector.<locals>.LMCacheMPConnectorUnavailable"
+    ".LMCacheMPConnectorUnavailable"
 )
 # ... and when lmcache's main module is broken: on 0.33.0 nothing (lmcache 0.5.6 ships no
 # frozen copies, and vLLM 0.33.0's builtin cannot be built with it: `server_urls`), so the

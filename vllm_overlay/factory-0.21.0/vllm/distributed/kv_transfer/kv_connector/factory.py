@@ -2,7 +2,6 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 
 import importlib
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -23,10 +22,6 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = init_logger(__name__)
-
-_LMCACHE_MP_CONNECTOR_MODULE = (
-    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
-)
 
 
 class KVConnectorFactory:
@@ -53,17 +48,7 @@ class KVConnectorFactory:
         module_path = kv_transfer_config.kv_connector_module_path
         if module_path:
             return f"{description}, from kv_connector_module_path={module_path}"
-        description += ", from vLLM's connector registry"
-        # NOTE: LMCacheMPConnector is resolved when its module is imported, and
-        # the module records which class it chose and why.
-        resolution = getattr(
-            sys.modules.get(_LMCACHE_MP_CONNECTOR_MODULE),
-            "LMCACHE_MP_CONNECTOR_RESOLUTION",
-            None,
-        )
-        if kv_transfer_config.kv_connector == "LMCacheMPConnector" and resolution:
-            description += f"; {resolution.get('reason', '')}"
-        return description
+        return f"{description}, from vLLM's connector registry"
 
     @classmethod
     def create_connector(

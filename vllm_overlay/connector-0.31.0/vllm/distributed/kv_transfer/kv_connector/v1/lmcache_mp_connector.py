@@ -1236,38 +1236,49 @@ def _lmcache_version() -> str:
         return "unknown"
 
 
-def _load_external_lmcache_mp_connector(
-    module_name: str,
-) -> tuple[type[KVConnectorBase_V1] | None, str, bool]:
+class _ConnectorUnavailableError(Exception):
+    """Why an lmcache connector module cannot be used.
+
+    ``expected`` is set when the module is simply not installed, which is
+    worth an info line rather than a warning.
+    """
+
+    def __init__(self, reason: str, expected: bool = False) -> None:
+        super().__init__(reason)
+        self.expected = expected
+
+
+def _import_lmcache_mp_connector(module_name: str) -> type[KVConnectorBase_V1]:
     """Import ``LMCacheMPConnector`` from ``module_name``.
 
-    Returns:
-        The class, or ``None`` with the reason it cannot be used and whether
-        that reason deserves a warning (a module that is simply not installed
-        does not).
+    Raises:
+        _ConnectorUnavailableError: the module is not installed, fails to
+            import, or does not define a KVConnectorBase_V1 subclass.
 
     """
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        parts = module_name.split(".")
-        absent = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        if e.name in absent:
-            return None, f"{module_name} is not installed", False
-        return None, f"importing {module_name} failed: {type(e).__name__}: {e}", True
+        if e.name is not None and f"{module_name}.".startswith(f"{e.name}."):
+            raise _ConnectorUnavailableError(
+                f"{module_name} is not installed", expected=True
+            ) from e
+        raise _ConnectorUnavailableError(
+            f"importing {module_name} failed: {type(e).__name__}: {e}"
+        ) from e
     except Exception as e:
-        return None, f"importing {module_name} failed: {type(e).__name__}: {e}", True
+        raise _ConnectorUnavailableError(
+            f"importing {module_name} failed: {type(e).__name__}: {e}"
+        ) from e
     connector_cls = getattr(module, "LMCacheMPConnector", None)
     if not isinstance(connector_cls, type) or not issubclass(
         connector_cls, KVConnectorBase_V1
     ):
-        return (
-            None,
+        raise _ConnectorUnavailableError(
             f"{module_name}.LMCacheMPConnector is {connector_cls!r}, "
-            "not a KVConnectorBase_V1 subclass",
-            True,
+            "not a KVConnectorBase_V1 subclass"
         )
-    return connector_cls, "", False
+    return connector_cls
 
 
 # lmcache ships copies of its connector frozen for older vLLM releases, named
@@ -1276,7 +1287,7 @@ def _load_external_lmcache_mp_connector(
 _LMCACHE_MP_CONNECTOR_PACKAGE = "lmcache.integration.vllm"
 _FROZEN_MODULE_PATTERN = re.compile(r"lmcache_mp_connector_(\d)(\d\d)(\d)")
 # Filled in by _resolve_lmcache_mp_connector(): the module of the class chosen
-# and why, so that the connector factory can say which connector runs.
+# and why, and the error when no connector can be built.
 LMCACHE_MP_CONNECTOR_RESOLUTION: dict[str, str] = {}
 
 
@@ -1309,14 +1320,8 @@ def _frozen_lmcache_mp_connector_modules() -> list[str]:
     ]
 
 
-def _brief(reason: str, module_name: str) -> str:
-    """One short rejection reason: no repeated module name, no file paths."""
-    reason = reason.removeprefix(f"importing {module_name} failed: ")
-    return re.sub(r" \(/[^)]*\)", "", reason)
-
-
 def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
-    """The modules to try, in order, and whether the user named the module.
+    """Return the modules to try, in order, and whether the user named one.
 
     ``LMCACHE_MP_CONNECTOR_MODULE`` names the only module to try. Otherwise
     lmcache's main connector comes first, then its frozen copies.
@@ -1330,9 +1335,29 @@ def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
     ], False
 
 
+def _how_found(module_name: str, explicit: bool) -> str:
+    """Say how ``module_name`` came to be tried, for the log line."""
+    if explicit:
+        return "set by LMCACHE_MP_CONNECTOR_MODULE"
+    if module_name == _LMCACHE_MP_CONNECTOR_MODULE:
+        return "lmcache's main connector"
+    match = _FROZEN_MODULE_PATTERN.fullmatch(module_name.rpartition(".")[2])
+    made_for = ".".join(str(int(part)) for part in match.groups()) if match else "?"
+    return f"lmcache's connector made for vLLM {made_for}"
+
+
+def _brief(reason: str, module_name: str) -> str:
+    """Shorten a rejection reason: no repeated module name, no file paths."""
+    reason = reason.removeprefix(f"importing {module_name} failed: ")
+    return re.sub(r" \(/[^)]*\)", "", reason)
+
+
 def _is_str_expr(node: ast.expr, str_names: set[str]) -> bool:
-    """Whether ``node`` is plainly a ``str``: a literal, an f-string, ``str()``,
-    a concatenation with one, or a name the function annotates or assigns so."""
+    """Tell whether ``node`` is plainly a ``str``.
+
+    That is a literal, an f-string, ``str()``, a concatenation with one, or a
+    name the function annotates or assigns so.
+    """
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str)
     if isinstance(node, ast.JoinedStr):
@@ -1347,7 +1372,7 @@ def _is_str_expr(node: ast.expr, str_names: set[str]) -> bool:
 
 
 def _str_names(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
-    """Names ``function`` annotates as ``str`` or assigns a string to."""
+    """Return the names ``function`` annotates as ``str`` or assigns a string to."""
     arguments = function.args
     names = {
         arg.arg
@@ -1366,7 +1391,7 @@ _CONTAINER_ANNOTATION = re.compile(
 
 
 def _rejects_str(annotation: Any) -> bool:
-    """Whether a parameter annotated ``annotation`` wants a container, not a str.
+    """Tell whether a parameter annotated ``annotation`` wants a container.
 
     ``list[str]`` and ``list[str] | None`` do; ``str``, ``str | list[str]``,
     ``Sequence[str]``, an unknown type and no annotation do not.
@@ -1389,8 +1414,84 @@ def _rejects_str(annotation: Any) -> bool:
     return bool(members) and all(_CONTAINER_ANNOTATION.match(m) for m in members)
 
 
+def _imported_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
+    """Map each name bound by ``from X import Y [as Z]`` to ``(X, Y)``."""
+    imported: dict[str, tuple[str, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = (node.module, alias.name)
+    return imported
+
+
+def _str_names_by_call(tree: ast.Module) -> dict[ast.Call, set[str]]:
+    """Map each call to the string names of its innermost function."""
+    str_names: dict[ast.Call, set[str]] = {}
+    # ast.walk goes outside in, so inner functions overwrite their outer ones.
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = _str_names(function)
+            for node in ast.walk(function):
+                if isinstance(node, ast.Call):
+                    str_names[node] = names
+    return str_names
+
+
+def _lmcache_signature(
+    module: ModuleType, name: str, source: tuple[str, str]
+) -> inspect.Signature | None:
+    """Return the signature of the lmcache object ``module`` calls as ``name``.
+
+    That is the object the module really holds, else the one its import names
+    (imported here only from lmcache, for imports inside functions); ``None``
+    when it is not lmcache's or has no signature.
+    """
+    source_module, source_name = source
+    try:
+        target = vars(module).get(name)
+        if target is None and source_module.split(".")[0] == "lmcache":
+            target = getattr(importlib.import_module(source_module), source_name)
+        if not getattr(target, "__module__", "").startswith("lmcache"):
+            return None
+        return inspect.signature(target)
+    except Exception:
+        return None
+
+
+def _call_mismatches(
+    call: ast.Call, name: str, signature: inspect.Signature, str_names: set[str]
+) -> list[str]:
+    """Say why ``call`` cannot be bound to ``signature``, if it cannot."""
+    # With *args or **kwargs, what the call passes is known only in part:
+    # bind what is written, and judge only the types.
+    starred = [i for i, a in enumerate(call.args) if isinstance(a, ast.Starred)]
+    partial = bool(starred) or any(kw.arg is None for kw in call.keywords)
+    args = call.args[: starred[0]] if starred else call.args
+    kwargs = {kw.arg: kw.value for kw in call.keywords if kw.arg is not None}
+    try:
+        if partial:
+            bound = signature.bind_partial(*args, **kwargs)
+        else:
+            bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        return [] if partial else [f"{name}() at line {call.lineno}: {e}"]
+    mismatches: list[str] = []
+    for param_name, value in bound.arguments.items():
+        annotation = signature.parameters[param_name].annotation
+        if (
+            isinstance(value, ast.expr)
+            and _is_str_expr(value, str_names)
+            and _rejects_str(annotation)
+        ):
+            mismatches.append(
+                f"{name}() at line {call.lineno}: {param_name} takes "
+                f"{inspect.formatannotation(annotation)}, not a str"
+            )
+    return mismatches
+
+
 def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
-    """Calls in ``module`` to lmcache that the installed lmcache cannot take.
+    """Return the calls in ``module`` that the installed lmcache cannot take.
 
     Every call of an imported class or function that lives in ``lmcache`` is
     bound to the installed object's signature, without calling anything, and
@@ -1405,20 +1506,8 @@ def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
         tree = ast.parse(inspect.getsource(module))
     except (OSError, TypeError, SyntaxError):
         return []
-    imported: dict[str, tuple[str, str]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            for alias in node.names:
-                imported[alias.asname or alias.name] = (node.module, alias.name)
-    # The string names of each call's innermost function (ast.walk goes
-    # outside in, so inner functions overwrite their outer ones).
-    str_names: dict[ast.Call, set[str]] = {}
-    for function in ast.walk(tree):
-        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names = _str_names(function)
-            for node in ast.walk(function):
-                if isinstance(node, ast.Call):
-                    str_names[node] = names
+    imported = _imported_names(tree)
+    str_names = _str_names_by_call(tree)
     mismatches: list[str] = []
     for node in ast.walk(tree):
         if not (
@@ -1427,114 +1516,77 @@ def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
             and node.func.id in imported
         ):
             continue
-        source_module, name = imported[node.func.id]
-        try:
-            # The object the module really uses, else what the import names
-            # (imported here only from lmcache, for imports inside functions).
-            target = vars(module).get(node.func.id)
-            if target is None and source_module.split(".")[0] == "lmcache":
-                target = getattr(importlib.import_module(source_module), name)
-            if not getattr(target, "__module__", "").startswith("lmcache"):
-                continue
-            signature = inspect.signature(target)
-        except Exception:
-            continue
-        # With *args or **kwargs, what the call passes is known only in part:
-        # bind what is written, and judge only the types.
-        starred = [i for i, a in enumerate(node.args) if isinstance(a, ast.Starred)]
-        partial = bool(starred) or any(kw.arg is None for kw in node.keywords)
-        args = node.args[: starred[0]] if starred else node.args
-        kwargs = {kw.arg: kw.value for kw in node.keywords if kw.arg is not None}
-        try:
-            if partial:
-                bound = signature.bind_partial(*args, **kwargs)
-            else:
-                bound = signature.bind(*args, **kwargs)
-        except TypeError as e:
-            if not partial:
-                mismatches.append(f"{name}() at line {node.lineno}: {e}")
-            continue
-        for param_name, value in bound.arguments.items():
-            param = signature.parameters[param_name]
-            if (
-                isinstance(value, ast.expr)
-                and _is_str_expr(value, str_names.get(node, set()))
-                and _rejects_str(param.annotation)
-            ):
-                mismatches.append(
-                    f"{name}() at line {node.lineno}: {param_name} takes "
-                    f"{inspect.formatannotation(param.annotation)}, not a str"
-                )
+        source = imported[node.func.id]
+        signature = _lmcache_signature(module, node.func.id, source)
+        if signature is not None:
+            mismatches += _call_mismatches(
+                node, source[1], signature, str_names.get(node, set())
+            )
     return mismatches
 
 
-def _unbuildable_lmcache_mp_connector(message: str) -> type[KVConnectorBase_V1]:
-    """A connector class that stops vLLM with ``message`` when it is built."""
+def _check_buildable(connector_cls: type[KVConnectorBase_V1]) -> None:
+    """Check that the module of ``connector_cls`` calls lmcache as it can take.
 
-    class LMCacheMPConnectorUnavailable(LMCacheMPConnectorUpstream):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise RuntimeError(message)
+    Raises:
+        _ConnectorUnavailableError: the first call that does not fit.
 
-    return LMCacheMPConnectorUnavailable
+    """
+    module = sys.modules.get(connector_cls.__module__)
+    mismatches = _lmcache_api_mismatches(module) if module else []
+    if mismatches:
+        raise _ConnectorUnavailableError(f"cannot be built: {mismatches[0]}")
 
 
-def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
-    if _force_builtin_lmcache_mp_connector():
-        reason = (
-            f"forced by LMCACHE_USE_UPSTREAM_MP={os.environ['LMCACHE_USE_UPSTREAM_MP']}"
-        )
-        LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
-        logger.info(
-            "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream (%s).",
-            reason,
-        )
-        return LMCacheMPConnectorUpstream
+class LMCacheMPConnectorUnavailable(LMCacheMPConnectorUpstream):
+    """Stands for LMCacheMPConnector when no connector can be built here.
 
-    candidates, explicit = _lmcache_mp_connector_candidates()
-    rejected: list[str] = []
-    warn = explicit
-    for module_name in candidates:
-        connector_cls, reason, worth_warning = _load_external_lmcache_mp_connector(
-            module_name
-        )
-        if connector_cls is not None:
-            module = sys.modules.get(connector_cls.__module__)
-            mismatches = _lmcache_api_mismatches(module) if module else []
-            if mismatches:
-                connector_cls = None
-                reason = f"cannot be built: {mismatches[0]}"
-                worth_warning = True
-        if connector_cls is not None:
-            if explicit:
-                how = "set by LMCACHE_MP_CONNECTOR_MODULE"
-            elif module_name == _LMCACHE_MP_CONNECTOR_MODULE:
-                how = "lmcache's main connector"
-            else:
-                how = "lmcache's connector frozen for an older vLLM"
-            if rejected:
-                how += "; skipped " + "; ".join(rejected)
-            LMCACHE_MP_CONNECTOR_RESOLUTION.update(
-                module=module_name, reason=f"lmcache {_lmcache_version()}, {how}"
-            )
-            logger.info(
-                "LMCacheMPConnector: using %s.%s from lmcache %s (%s).",
-                module_name,
-                connector_cls.__qualname__,
-                _lmcache_version(),
-                how,
-            )
-            return connector_cls
-        rejected.append(f"{module_name}: {_brief(reason, module_name)}")
-        warn = warn or worth_warning
+    Building it stops vLLM with the resolution's error, which names each
+    candidate's reason and what to do.
+    """
 
-    builtin_mismatches = _lmcache_api_mismatches(sys.modules[__name__])
-    if builtin_mismatches:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(LMCACHE_MP_CONNECTOR_RESOLUTION["error"])
+
+
+def _use_builtin(reason: str) -> type[KVConnectorBase_V1]:
+    """Record and log that vLLM's builtin connector is forced."""
+    LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
+    logger.info(
+        "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream (%s).",
+        reason,
+    )
+    return LMCacheMPConnectorUpstream
+
+
+def _use_lmcache(
+    connector_cls: type[KVConnectorBase_V1], module_name: str, how: str
+) -> type[KVConnectorBase_V1]:
+    """Record and log that lmcache's ``connector_cls`` is used."""
+    LMCACHE_MP_CONNECTOR_RESOLUTION.update(
+        module=module_name, reason=f"lmcache {_lmcache_version()}, {how}"
+    )
+    logger.info(
+        "LMCacheMPConnector: using %s.%s from lmcache %s (%s).",
+        module_name,
+        connector_cls.__qualname__,
+        _lmcache_version(),
+        how,
+    )
+    return connector_cls
+
+
+def _fall_back(rejected: list[str], warn: bool) -> type[KVConnectorBase_V1]:
+    """Use vLLM's builtin connector, or stop vLLM if it cannot be built either."""
+    try:
+        _check_buildable(LMCacheMPConnectorUpstream)
+    except _ConnectorUnavailableError as e:
         vllm_version = ".".join(str(part) for part in vllm_version_tuple[:3])
         message = (
             f"LMCacheMPConnector: no connector can be built with vLLM "
             f"{vllm_version} and lmcache {_lmcache_version()}: "
             + "; ".join(rejected)
-            + f"; vLLM's builtin connector: cannot be built: {builtin_mismatches[0]}."
+            + f"; vLLM's builtin connector: {e}."
             " Install an lmcache release made for this vLLM release, or set "
             "LMCACHE_MP_CONNECTOR_MODULE to a connector module that matches the "
             "installed lmcache."
@@ -1543,8 +1595,7 @@ def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
             module=__name__, reason=message, error=message
         )
         logger.error("%s", message)
-        return _unbuildable_lmcache_mp_connector(message)
-
+        return LMCacheMPConnectorUnavailable
     reason = (
         f"lmcache {_lmcache_version()}; rejected "
         + "; ".join(rejected)
@@ -1559,6 +1610,34 @@ def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
         reason,
     )
     return LMCacheMPConnectorUpstream
+
+
+def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
+    """Return the class ``LMCacheMPConnector`` stands for, and log the choice.
+
+    The first candidate that imports, subclasses KVConnectorBase_V1 and can
+    be built with the installed lmcache wins; otherwise vLLM's builtin.
+    """
+    if _force_builtin_lmcache_mp_connector():
+        return _use_builtin(
+            f"forced by LMCACHE_USE_UPSTREAM_MP={os.environ['LMCACHE_USE_UPSTREAM_MP']}"
+        )
+    candidates, explicit = _lmcache_mp_connector_candidates()
+    rejected: list[str] = []
+    warn = explicit
+    for module_name in candidates:
+        try:
+            connector_cls = _import_lmcache_mp_connector(module_name)
+            _check_buildable(connector_cls)
+        except _ConnectorUnavailableError as e:
+            rejected.append(f"{module_name}: {_brief(str(e), module_name)}")
+            warn = warn or not e.expected
+            continue
+        how = _how_found(module_name, explicit)
+        if rejected:
+            how += "; skipped " + "; ".join(rejected)
+        return _use_lmcache(connector_cls, module_name, how)
+    return _fall_back(rejected, warn)
 
 
 LMCacheMPConnector = _resolve_lmcache_mp_connector()
