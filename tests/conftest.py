@@ -16,9 +16,9 @@ import pytest
 from packaging.version import Version
 from vllm_patches.__main__ import apply_main, main
 from vllm_patches._record import record_hash
-from vllm_patches.overlay import dump_manifest
-from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
-from vllm_patches.sources import checkout, fetch_sdist
+from vllm_patches.series.manifest import CONNECTOR, REPO_ROOT, load_manifest
+from vllm_patches.series.overlay import dump_manifest
+from vllm_patches.sources.releases import checkout, fetch_sdist
 
 INDEX_FIXTURES = {"git_tree", "plain_tree", "fake_site", "small_wheel"}
 """Fixtures built from real sdists, which a fresh machine fetches from the package index."""

@@ -14,7 +14,7 @@ from conftest import (
     tree_snapshot,
     upstream_patches,
 )
-from vllm_patches.series import CONNECTOR, OVERLAY_DIR
+from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR
 
 
 def _overlay(manifest, version: str) -> bytes:

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 from vllm_patches.errors import PatchToolError
-from vllm_patches.sources import read_sdist_file, release_arg
+from vllm_patches.sources.releases import read_sdist_file, release_arg
 
 
 def _one_error_line(cli, *args: str) -> str:

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from vllm_patches import wheels
-from vllm_patches.envs import vllm_env
-from vllm_patches.series import REPO_ROOT
-from vllm_patches.sources import cache_root, fetch_sdist
+from vllm_patches.series.manifest import REPO_ROOT
+from vllm_patches.sources.releases import cache_root, fetch_sdist
+from vllm_patches.sources.venvs import vllm_env
+from vllm_patches.targets import wheel as wheels
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 EXAMPLES = REPO_ROOT / "examples"

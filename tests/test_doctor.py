@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from vllm_patches.apply import apply
-from vllm_patches.doctor import Diagnosis, diagnose, diagnose_layers
-from vllm_patches.envs import lmcache_layer, vllm_env
-from vllm_patches.errors import PatchToolError
-from vllm_patches.matrix import (
+from vllm_patches.diagnosis.doctor import Diagnosis, diagnose, diagnose_layers
+from vllm_patches.diagnosis.matrix import (
     disagreements,
     merge,
     run_matrix,
@@ -18,7 +15,10 @@ from vllm_patches.matrix import (
     starts_with,
     verdict,
 )
-from vllm_patches.targets import installed_vllm
+from vllm_patches.errors import PatchToolError
+from vllm_patches.sources.venvs import lmcache_layer, vllm_env
+from vllm_patches.targets.apply import apply
+from vllm_patches.targets.find import installed_vllm
 
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
 

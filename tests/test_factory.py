@@ -7,9 +7,9 @@ import subprocess
 import textwrap
 
 import pytest
-from vllm_patches.apply import apply, status
-from vllm_patches.envs import vllm_env
-from vllm_patches.targets import installed_vllm
+from vllm_patches.sources.venvs import vllm_env
+from vllm_patches.targets.apply import apply, status
+from vllm_patches.targets.find import installed_vllm
 
 pytestmark = pytest.mark.slow
 

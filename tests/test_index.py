@@ -17,9 +17,9 @@ import tarfile
 import threading
 
 import pytest
-from vllm_patches import _index
 from vllm_patches.errors import PatchToolError
-from vllm_patches.sources import fetch_sdist, list_sdists
+from vllm_patches.sources import index as _index
+from vllm_patches.sources.releases import fetch_sdist, list_sdists
 
 SECRET = "s3cret-token"
 

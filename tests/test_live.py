@@ -11,11 +11,11 @@ import json
 import subprocess
 
 import pytest
-from vllm_patches.apply import apply
-from vllm_patches.doctor import live_check
-from vllm_patches.envs import lmcache_layer, vllm_env
-from vllm_patches.lmcache_server import ServerPool
-from vllm_patches.targets import installed_vllm
+from vllm_patches.diagnosis.doctor import live_check
+from vllm_patches.diagnosis.servers import ServerPool
+from vllm_patches.sources.venvs import lmcache_layer, vllm_env
+from vllm_patches.targets.apply import apply
+from vllm_patches.targets.find import installed_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 MAIN = "lmcache.integration.vllm.lmcache_mp_connector"

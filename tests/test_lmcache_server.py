@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm_patches.diagnosis.servers import ServerPool, free_port, server_flags, start
 from vllm_patches.errors import PatchToolError
-from vllm_patches.lmcache_server import ServerPool, free_port, server_flags, start
 
 LISTENING_SERVER = """\
 import argparse, socket, time

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SUPPORTED
 from packaging.version import Version
-from vllm_patches.envs import default_lmcache, lmcache_layer
-from vllm_patches.matrix import (
+from vllm_patches.diagnosis.matrix import (
     FIRST_LMCACHE,
     disagreements,
     merge,
@@ -18,8 +17,9 @@ from vllm_patches.matrix import (
     summary,
     verdict,
 )
-from vllm_patches.series import REPO_ROOT
-from vllm_patches.sources import final_releases
+from vllm_patches.series.manifest import REPO_ROOT
+from vllm_patches.sources.releases import final_releases
+from vllm_patches.sources.venvs import default_lmcache, lmcache_layer
 
 SHIPPED = json.loads((REPO_ROOT / "matrix" / "matrix.json").read_text())
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"

@@ -11,11 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from vllm_patches.apply import apply, status
-from vllm_patches.envs import lmcache_layer, vllm_env
-from vllm_patches.probe import probe, resolution_line
-from vllm_patches.series import CONNECTOR
-from vllm_patches.targets import installed_vllm
+from vllm_patches.diagnosis.probe import probe, resolution_line
+from vllm_patches.series.manifest import CONNECTOR
+from vllm_patches.sources.venvs import lmcache_layer, vllm_env
+from vllm_patches.targets.apply import apply, status
+from vllm_patches.targets.find import installed_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -189,14 +189,14 @@ def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
     """Why 0002 exists: with 0001 alone, a RuntimeError at import stops vLLM."""
     version, python, site, _ = patched
     # Put the 0001-only file in place for this one probe.
-    from vllm_patches.overlay import apply_to_bytes
-    from vllm_patches.series import PATCHES_DIR, load_manifest
+    from vllm_patches.series.manifest import PATCHES_DIR, load_manifest
+    from vllm_patches.series.overlay import apply_to_bytes
 
     release = load_manifest().releases[version]
     group = next(g for g in release.groups if g.path == CONNECTOR)
     path = site.root / CONNECTOR
     patched_bytes = path.read_bytes()
-    from vllm_patches.sources import read_sdist_file
+    from vllm_patches.sources.releases import read_sdist_file
 
     base = read_sdist_file(group.base_release, CONNECTOR)
     # From 0.22.0 on, vLLM's own file is upstream's resolution (0001).

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import USER_IDENTITY, project_copy, run_tool, tree_snapshot
-from vllm_patches.rebase import _mark_upstream
-from vllm_patches.series import CONNECTOR, REPO_ROOT, load_manifest
+from vllm_patches.series.manifest import CONNECTOR, REPO_ROOT, load_manifest
+from vllm_patches.series.rebase import _mark_upstream
 
 
 def _series_state(project: Path) -> dict[str, str]:
@@ -278,7 +278,7 @@ def test_sigterm_while_the_series_is_written_leaves_the_project_as_it_was(tmp_pa
         [
             sys.executable,
             program,
-            "vllm_patches.rebase:regenerate",
+            "vllm_patches.series.rebase:regenerate",
             "rebase_main",
             "--onto",
             "0.22.0",

@@ -14,9 +14,9 @@ import pytest
 from conftest import USER_IDENTITY, assert_record_true, tree_snapshot
 from vllm_patches import _journal as journal
 from vllm_patches._journal import JOURNAL_NAME
-from vllm_patches.apply import journal_of
-from vllm_patches.series import CONNECTOR, load_manifest
-from vllm_patches.targets import installed_vllm
+from vllm_patches.series.manifest import CONNECTOR, load_manifest
+from vllm_patches.targets.files import journal_of
+from vllm_patches.targets.find import installed_vllm
 
 CRASHER = Path(__file__).parent / "programs" / "crash_after_writes.py"
 
@@ -132,7 +132,7 @@ def test_sigterm_during_a_git_apply_goes_back_to_the_users_branch(git_tree):
     before = tree_snapshot(tree)
     program = Path(__file__).parent / "programs" / "term_during.py"
     proc = subprocess.run(
-        [sys.executable, program, "vllm_patches.apply:_identity_env", "apply_main", tree],
+        [sys.executable, program, "vllm_patches.targets.checkout:identity_env", "apply_main", tree],
         capture_output=True,
         text=True,
         check=False,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SUPPORTED, upstream_patches
-from vllm_patches.overlay import apply_to_bytes, regenerate
-from vllm_patches.series import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
-from vllm_patches.sources import read_sdist_file
+from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
+from vllm_patches.series.overlay import apply_to_bytes, regenerate
+from vllm_patches.sources.releases import read_sdist_file
 
 # OE-core meta/lib/oe/qa.py check_upstream_status.
 UPSTREAM_STATUS = re.compile(

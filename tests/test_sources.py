@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from vllm_patches import _index
-from vllm_patches.sources import cache_root
+from vllm_patches.sources import index as _index
+from vllm_patches.sources.releases import cache_root
 
 
 def _git(tree, *args):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import project_copy, run_tool, tree_snapshot
 from packaging.version import Version
-from vllm_patches.series import REPO_ROOT, load_manifest
-from vllm_patches.upstream import _message, fill_template, newest_release
+from vllm_patches.series.manifest import REPO_ROOT, load_manifest
+from vllm_patches.upstream.pr import _message, fill_template, newest_release
 
 SUBMITTER = "Test Submitter <submitter@example.com>"
 QUICK_TESTS = "tests/v1/kv_connector/unit/test_config.py"

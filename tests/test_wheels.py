@@ -11,12 +11,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from vllm_patches import wheels
 from vllm_patches._proc import stopped_on_signals
 from vllm_patches._record import record_hash
-from vllm_patches.envs import vllm_env
-from vllm_patches.series import CONNECTOR, load_manifest
-from vllm_patches.sources import cache_root, fetch_sdist, read_sdist_file
+from vllm_patches.series.manifest import CONNECTOR, load_manifest
+from vllm_patches.sources.releases import cache_root, fetch_sdist, read_sdist_file
+from vllm_patches.sources.venvs import vllm_env
+from vllm_patches.targets import wheel as wheels
 
 FACTORY = "vllm/distributed/kv_transfer/kv_connector/factory.py"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from vllm_patches.errors import PatchToolError, ReportedError
-from vllm_patches.sources import release_arg
+from vllm_patches.sources.releases import release_arg
 
 STATUS_EXIT = {"patched": 0, "upstream": 0, "unpatched": 3, "modified": 4}
 """``status`` exit codes, so that a pipeline can gate on them (1 is an error, as everywhere)."""
@@ -92,7 +92,7 @@ def _apply_args(parser: argparse.ArgumentParser, *, revert_flag: bool) -> None:
 
 
 def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the CLI cheap
-    from vllm_patches.targets import resolve_target
+    from vllm_patches.targets.find import resolve_target
 
     if args.target is not None and (args.site or args.python):
         msg = "give either a tree or --site/--python, not both"
@@ -105,7 +105,7 @@ def _target(args: argparse.Namespace):  # noqa: ANN202 - lazy import keeps the C
 def _cmd_pairs(args: argparse.Namespace) -> int:
     import json
 
-    from vllm_patches import matrix
+    from vllm_patches.diagnosis import matrix
 
     answer = matrix.pairs(matrix.shipped(), args.version)
     print(json.dumps(answer, indent=2) if args.json else "\n".join(matrix.pairs_lines(answer)))
@@ -113,7 +113,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkout(args: argparse.Namespace) -> int:
-    from vllm_patches.sources import checkout
+    from vllm_patches.sources.releases import checkout
 
     print(checkout(args.version, args.dest))
     return 0
@@ -122,7 +122,7 @@ def _cmd_checkout(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from vllm_patches.apply import status
+    from vllm_patches.targets.apply import status
 
     st = status(_target(args))
     if args.json:
@@ -133,8 +133,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_overlay(args: argparse.Namespace) -> int:
-    from vllm_patches.overlay import regenerate
-    from vllm_patches.series import require_clone
+    from vllm_patches.series.manifest import require_clone
+    from vllm_patches.series.overlay import regenerate
 
     if not args.check:
         require_clone("overlay")
@@ -151,7 +151,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
 
 
 def _cmd_prove(args: argparse.Namespace) -> int:
-    from vllm_patches.prove import prove
+    from vllm_patches.diagnosis.prove import prove
 
     for line in prove(args.version, lmcache=args.lmcache):
         print(line)
@@ -159,25 +159,10 @@ def _cmd_prove(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    from vllm_patches.vllm_tests import run_vllm_tests
+    from vllm_patches.diagnosis.vllm_tests import run_vllm_tests
 
     report = run_vllm_tests(args.version, args.lmcache, args.out, paths=args.tests)
-    for name, run in (("baseline", report.baseline), ("patched", report.patched)):
-        counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
-        print(f"{name}: {counts} in {run.seconds:.1f} s")
-    series_files = ("lmcache_mp_connector_resolution", "kv_connector_factory_module_path")
-    own = [o for t, o in report.patched.outcomes.items() if any(f in t for f in series_files)]
-    failed = [o for o in own if o not in ("passed", "skipped")]
-    print(
-        f"the series' own tests: {own.count('passed')} passed, "
-        f"{own.count('skipped')} skipped, {len(failed)} failed"
-    )
-    if report.regressions:
-        msg = f"{len(report.regressions)} regressions, first {report.regressions[0]}"
-        raise PatchToolError(msg)
-    if failed or not own:
-        msg = "the series' own tests did not all pass; see the report"
-        raise PatchToolError(msg)
+    print("\n".join(report.summary()))
     print(f"no regressions; report in {(args.out or Path.cwd() / f'vllm-tests-{args.version}')}")
     return 0
 
@@ -186,7 +171,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
     import sys as _sys
 
-    from vllm_patches.doctor import diagnose, live_check
+    from vllm_patches.diagnosis.doctor import diagnose, live_check
 
     python = args.python or _sys.executable
     live = args.live or args.server is not None
@@ -199,7 +184,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
-    from vllm_patches import matrix
+    from vllm_patches.diagnosis import matrix
 
     if args.merge:
         result = matrix.merge(matrix.load_results(args.merge))
@@ -221,14 +206,14 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def _cmd_wheel(args: argparse.Namespace) -> int:
-    from vllm_patches import wheels
+    from vllm_patches.targets import wheel as wheels
 
     if args.from_source:
         path = wheels.build_from_source(args.version, args.target_device, args.out)
     else:
         source = args.from_wheel
         if source is None:
-            from vllm_patches.sources import download_wheel
+            from vllm_patches.sources.releases import download_wheel
 
             source = download_wheel(args.version)
         path = wheels.repack(source, args.out, force=args.force, version=args.version)
@@ -237,7 +222,7 @@ def _cmd_wheel(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify_wheel(args: argparse.Namespace) -> int:
-    from vllm_patches.wheels import verify
+    from vllm_patches.targets.wheel import verify
 
     problems = verify(args.path)
     if args.json:
@@ -253,7 +238,7 @@ def _cmd_verify_wheel(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from vllm_patches.apply import apply
+    from vllm_patches.targets.apply import apply
 
     outcome = apply(_target(args), check=args.check, revert=args.revert, force=args.force)
     if args.json:
@@ -266,11 +251,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
-    from vllm_patches.series import require_clone, require_contrib
+    from vllm_patches.series.manifest import require_clone, require_contrib
 
     require_clone("rebase-patches")
     require_contrib("rebase-patches")
-    from vllm_patches import rebase
+    from vllm_patches.series import rebase
 
     if args.abort:
         print(rebase.abort(args.workdir))
@@ -333,10 +318,10 @@ def _rebase_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
-    from vllm_patches.series import require_contrib
+    from vllm_patches.series.manifest import require_contrib
 
     require_contrib("prepare-upstream-pr")
-    from vllm_patches import upstream
+    from vllm_patches.upstream import pr as upstream
 
     base = args.base or upstream.newest_release()
     pr = upstream.prepare(

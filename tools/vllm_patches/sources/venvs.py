@@ -10,7 +10,7 @@ from pathlib import Path
 from packaging.version import Version
 
 from vllm_patches._proc import logger, run_subprocess
-from vllm_patches.sources import cache_root, fetch_sdist
+from vllm_patches.sources.releases import cache_root, fetch_sdist
 
 TORCH = "torch==2.13.0"
 BUILD_DEPS = (

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_patches._proc import run_subprocess
+from vllm_patches.probes import PROBES
 
-PROBE = Path(__file__).parent / "probes" / "resolution.py"
+PROBE = PROBES / "resolution.py"
 
 
 @dataclass(frozen=True)

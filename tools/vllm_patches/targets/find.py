@@ -14,11 +14,12 @@ from packaging.version import Version
 from vllm_patches._git import is_git_worktree, run_git
 from vllm_patches._proc import run_subprocess
 from vllm_patches.errors import PatchToolError
-from vllm_patches.sources import parse_version
+from vllm_patches.probes import PROBES
+from vllm_patches.sources.releases import parse_version
 
 TargetKind = Literal["git", "tree", "site"]
 
-QUERY = Path(__file__).parent / "probes" / "vllm_dist.py"
+QUERY = PROBES / "vllm_dist.py"
 
 
 @dataclass(frozen=True)

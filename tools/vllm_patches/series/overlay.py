@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vllm_patches._git import outside_repo_env, run_git
 from vllm_patches.errors import PatchToolError
-from vllm_patches.series import (
+from vllm_patches.series.manifest import (
     MANIFEST,
     OVERLAY_DIR,
     PATCHES_DIR,
@@ -17,7 +17,7 @@ from vllm_patches.series import (
     load_manifest,
     sha256_bytes,
 )
-from vllm_patches.sources import read_sdist_file
+from vllm_patches.sources.releases import read_sdist_file
 
 
 def apply_to_bytes(

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_patches._proc import run_subprocess
-from vllm_patches.sources import cache_root
+from vllm_patches.probes import PROBES
+from vllm_patches.sources.releases import cache_root
 
-PROBE = Path(__file__).parent / "probes" / "connector_build.py"
-COMPAT = Path(__file__).parent / "probes" / "compat"
+PROBE = PROBES / "connector_build.py"
+COMPAT = PROBES / "compat"
 """A ``sitecustomize`` that restores one private torch name vLLM 0.17.x reads (see there)."""
 # A tiny Llama: only its config.json is read (no weights, no tokenizer).
 TINY_MODEL_CONFIG = {

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from vllm_patches._fs import write_atomic
 from vllm_patches._git import GIT_IDENTITY, run_git
-from vllm_patches._index import open_url, pip_command, project_files
 from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
+from vllm_patches.sources.index import open_url, pip_command, project_files
 
 CHUNK = 1 << 20
 

@@ -22,7 +22,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_patches._proc import logger
 from vllm_patches._record import encode_digest, parse_record, record_hash
 from vllm_patches.errors import PatchToolError
-from vllm_patches.series import Group, Release, load_manifest, sha256_bytes
+from vllm_patches.series.manifest import Group, Release, load_manifest, sha256_bytes
 
 LOCAL_LABEL = "lmcachemp1"
 WHEEL_NAME = re.compile(
@@ -429,7 +429,7 @@ def pip_wheel(python: Path, source: Path, out_dir: Path, version: str, device: s
     :param version: the version to stamp (``VLLM_VERSION_OVERRIDE``).
     :param device: ``VLLM_TARGET_DEVICE`` (``empty`` builds no kernels).
     """
-    from vllm_patches.envs import pip
+    from vllm_patches.sources.venvs import pip
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
@@ -453,10 +453,10 @@ def pip_wheel(python: Path, source: Path, out_dir: Path, version: str, device: s
 
 def build_from_source(version: str, device: str, out_dir: Path) -> Path:
     """A wheel built from the pinned checkout of ``version`` with the series applied."""
-    from vllm_patches.apply import apply
-    from vllm_patches.envs import default_lmcache, vllm_env
-    from vllm_patches.sources import checkout
-    from vllm_patches.targets import resolve_target
+    from vllm_patches.sources.releases import checkout
+    from vllm_patches.sources.venvs import default_lmcache, vllm_env
+    from vllm_patches.targets.apply import apply
+    from vllm_patches.targets.find import resolve_target
 
     release = load_manifest().release(version)
     python = vllm_env(version, default_lmcache(version))  # torch + vLLM's build deps, cached

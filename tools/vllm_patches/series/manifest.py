@@ -24,7 +24,7 @@ from vllm_patches.errors import PatchToolError
 def _data_root() -> Path:
     """Where ``patches/``, ``vllm_overlay/`` and ``matrix/`` are: the top level of a clone of
     this project, or the read-only copy inside the installed package (``vllm_patches/data``)."""
-    clone = Path(__file__).resolve().parents[2]
+    clone = Path(__file__).resolve().parents[3]
     if (clone / "patches" / "series.toml").is_file():
         return clone
     return Path(str(importlib.resources.files("vllm_patches"))) / "data"

@@ -12,14 +12,15 @@ from pathlib import Path
 from packaging.version import Version
 
 from vllm_patches._proc import run_subprocess, stopped_on_signals
+from vllm_patches.diagnosis.live import Layer, build_layers, failed_step, per_layer_results, works
+from vllm_patches.diagnosis.matrix import shipped, starts_with
+from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.errors import PatchToolError
-from vllm_patches.live import Layer, build_layers, failed_step, per_layer_results, works
-from vllm_patches.lmcache_server import ServerPool
-from vllm_patches.matrix import shipped, starts_with
-from vllm_patches.series import CONNECTOR, load_manifest
-from vllm_patches.targets import installed_vllm
+from vllm_patches.probes import PROBES
+from vllm_patches.series.manifest import CONNECTOR, load_manifest
+from vllm_patches.targets.find import installed_vllm
 
-STATIC = Path(__file__).parent / "probes" / "doctor_static.py"
+STATIC = PROBES / "doctor_static.py"
 """doctor's static probe, run by path inside the target interpreter."""
 
 

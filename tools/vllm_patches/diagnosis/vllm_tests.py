@@ -15,13 +15,14 @@ from pathlib import Path
 from vllm_patches import _journal as journal
 from vllm_patches._fs import write_atomic
 from vllm_patches._proc import run_subprocess
-from vllm_patches.apply import apply, journal_of, recover, status
-from vllm_patches.envs import TEST_DEPS, TORCH, default_lmcache, pip, vllm_env
-from vllm_patches.errors import PatchToolError
-from vllm_patches.overlay import group_results
-from vllm_patches.series import load_manifest
-from vllm_patches.sources import cache_root, fetch_sdist
-from vllm_patches.targets import Target, installed_vllm
+from vllm_patches.errors import PatchToolError, ReportedError
+from vllm_patches.series.manifest import load_manifest
+from vllm_patches.series.overlay import group_results
+from vllm_patches.sources.releases import cache_root, fetch_sdist
+from vllm_patches.sources.venvs import TEST_DEPS, TORCH, default_lmcache, pip, vllm_env
+from vllm_patches.targets.apply import apply, recover, status
+from vllm_patches.targets.files import journal_of
+from vllm_patches.targets.find import Target, installed_vllm
 
 UNIT_DIR = "tests/v1/kv_connector/unit"
 # facebook/opt-125m's public config.json (model card values; no weights): most of vLLM's
@@ -53,6 +54,10 @@ OPT_125M_CONFIG = {
     "word_embed_proj_dim": 768,
 }
 GPU_HINTS = ("cuda", "gpu", "nvidia", "nccl", "device type", "triton")
+RESOLUTION_TESTS = "test_lmcache_mp_connector_resolution"
+"""The series' test file of the resolution (0003, 0005, 0007): what goes upstream with 0002."""
+SERIES_TESTS = (RESOLUTION_TESTS, "test_kv_connector_factory_module_path")
+"""The series' own test files in vLLM's tree; 0010 tests the factory."""
 
 
 @dataclass
@@ -69,6 +74,10 @@ class Run:
             counts[outcome] = counts.get(outcome, 0) + 1
         return dict(sorted(counts.items()))
 
+    def of(self, files: tuple[str, ...] = SERIES_TESTS) -> dict[str, str]:
+        """Outcome per test id of the tests in ``files`` (file names without ``.py``)."""
+        return {t: o for t, o in self.outcomes.items() if any(f in t for f in files)}
+
 
 @dataclass
 class Report:
@@ -80,6 +89,30 @@ class Report:
     patched: Run
     regressions: list[str]
     collection_errors: dict[str, str]
+
+    def summary(self) -> list[str]:
+        """Counts per run and of the series' own tests, one line each.
+
+        :raises PatchToolError: on a regression, or when the series' own tests did not all
+            pass (or did not run).
+        """
+        lines = []
+        for name, run in (("baseline", self.baseline), ("patched", self.patched)):
+            counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
+            lines.append(f"{name}: {counts} in {run.seconds:.1f} s")
+        own = list(self.patched.of().values())
+        failed = [o for o in own if o not in ("passed", "skipped")]
+        lines.append(
+            f"the series' own tests: {own.count('passed')} passed, "
+            f"{own.count('skipped')} skipped, {len(failed)} failed"
+        )
+        if self.regressions:
+            msg = f"{len(self.regressions)} regressions, first {self.regressions[0]}"
+            raise ReportedError(msg, "\n".join(lines))
+        if failed or not own:
+            msg = "the series' own tests did not all pass; see the report"
+            raise ReportedError(msg, "\n".join(lines))
+        return lines
 
     def markdown(self) -> str:
         lines = [

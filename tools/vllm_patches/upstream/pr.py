@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 
 from packaging.version import Version
 
@@ -24,12 +25,12 @@ from vllm_patches._git import (
     tracked_changes,
 )
 from vllm_patches._proc import logger
+from vllm_patches.diagnosis.matrix import shipped
+from vllm_patches.diagnosis.vllm_tests import RESOLUTION_TESTS, UNIT_DIR, Report, run_vllm_tests
 from vllm_patches.errors import PatchToolError, ReportedError
-from vllm_patches.matrix import shipped
-from vllm_patches.precommit import HookResult, run_hooks
-from vllm_patches.series import REPO_ROOT, load_manifest
-from vllm_patches.sources import checkout
-from vllm_patches.vllm_tests import UNIT_DIR, Report, run_vllm_tests
+from vllm_patches.series.hooks import HookResult, run_hooks
+from vllm_patches.series.manifest import REPO_ROOT, load_manifest
+from vllm_patches.sources.releases import checkout
 
 FIRST_WITH_42596 = "0.22.0"
 PR_PATCHES = ("0002", "0003")
@@ -100,121 +101,67 @@ def _measured_example() -> str:
     return state.removeprefix("imports: no: ") if state.startswith("imports: no: ") else ""
 
 
-def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str]) -> dict[str, str]:
-    example = _measured_example()
-    purpose = (
-        "Follow-up to vllm-project/vllm#42596, which resolves `LMCacheMPConnector` to "
-        "lmcache's own implementation at import time. It left weak spots that hit real "
-        "deployments: any non-empty `LMCACHE_USE_UPSTREAM_MP` (even `0`) forces the builtin "
-        "class, only `ImportError` is caught, the external class is never checked against "
-        "`KVConnectorBase_V1`, and nothing tests the resolution."
-    )
-    if example:
-        purpose += (
-            " Measured example (vLLM built from its sdist, CPU): with lmcache 0.5.6 installed "
-            "next to vLLM 0.21.0, lmcache's `lmcache_mp_connector` does not import "
-            f"(`{example}`); an lmcache that does not match the running vLLM is common, and "
-            "the resolution must say why it falls back instead of hiding it."
-        )
-    claims = "\n".join(
-        [
-            "- `LMCACHE_USE_UPSTREAM_MP` is read as a boolean: `1/true/yes/on` force the builtin "
-            "class; unset, empty and `0/false/no/off` prefer lmcache's; anything else is "
-            "ignored with one warning.",
-            "- Any exception while importing lmcache's module falls back to the builtin class "
-            "with a warning naming it (a module that is simply absent: an info line), instead "
-            "of taking the process down.",
-            "- The external object must be a class and a subclass of `KVConnectorBase_V1`.",
-            "- One log line states the choice, the reason and lmcache's version.",
-            f"- `{TEST_FILE}`: CPU-only tests (`cpu_test`) of every branch above.",
-        ]
-    )
-    counts = {
-        name: run.counts() for name, run in (("base", pr.tests.baseline), ("pr", pr.tests.patched))
+SECTIONS = Path(__file__).with_name("sections.md")
+"""The prose of each PR section, with ``$name`` placeholders for what was measured."""
+
+
+def _prose() -> dict[str, Template]:
+    """The sections of :data:`SECTIONS` by heading (lower case)."""
+    parts = re.split(r"^## (.+)$", SECTIONS.read_text(), flags=re.MULTILINE)
+    return {
+        heading.strip(): Template(body.strip())
+        for heading, body in zip(parts[1::2], parts[2::2], strict=True)
     }
-    own = [
-        o for t, o in pr.tests.patched.outcomes.items() if "lmcache_mp_connector_resolution" in t
-    ]
+
+
+def _hook_values(pr: PullRequest) -> dict[str, str]:
     ran = [h for h in pr.hooks if h.outcome != "skipped"]
     skipped: dict[str, list[str]] = {}
     for hook in pr.hooks:
         if hook.outcome == "skipped":
             skipped.setdefault(hook.detail, []).append(f"`{hook.id}`")
-    checks = "\n".join(
-        [
-            "| hook | result |",
-            "|---|---|",
-            *(f"| `{h.id}` | {h.outcome} |" for h in ran),
-            "",
-            "Not run: "
-            + "; ".join(f"{', '.join(dict.fromkeys(ids))} ({why})" for why, ids in skipped.items())
-            + ".",
-        ]
-    )
-    plan = "\n".join(
-        [
-            f"On vLLM {base} built from its sdist for CPU (`VLLM_TARGET_DEVICE=empty`), with "
-            f"lmcache {pr.tests.lmcache}:",
-            "",
-            "```bash",
-            *commands,
-            "```",
-        ]
-    )
-    result = "\n".join(
-        [
-            f"`pytest -m cpu_test {' '.join(tests)}` ({len(own)} of the tests are "
-            f"new, in `{TEST_FILE}`):",
-            "",
-            "| run | tests | wall |",
-            "|---|---|---|",
-            f"| vLLM {base} | {_counts(counts['base'])} | {pr.tests.baseline.seconds:.1f} s |",
-            f"| vLLM {base} + this PR | {_counts(counts['pr'])} | "
-            f"{pr.tests.patched.seconds:.1f} s |",
-            "",
-            f"New tests: {own.count('passed')} passed of {len(own)}; regressions: "
-            f"{len(pr.tests.regressions)}.",
-            "",
-            "vLLM's pre-commit hooks on the changed files (hook list, arguments and versions "
-            "from `.pre-commit-config.yaml`; remote hooks from PyPI at the pinned version):",
-            "",
-            checks,
-        ]
-    )
+    return {
+        "hook_rows": "\n".join(f"| `{h.id}` | {h.outcome} |" for h in ran),
+        "hooks_not_run": "; ".join(
+            f"{', '.join(dict.fromkeys(ids))} ({why})" for why, ids in skipped.items()
+        ),
+    }
+
+
+def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str]) -> dict[str, str]:
+    own = list(pr.tests.patched.of((RESOLUTION_TESTS,)).values())
     matrix = REPO_ROOT / "matrix" / "matrix.md"
-    details = "\n".join(
-        [
-            "The resolution stays where #42596 put it (module import time, same names), so "
-            "every process of a deployment makes the same choice. The fallback keeps vLLM "
-            "starting with the builtin class whenever lmcache's cannot be used, and the log "
-            "line says which one runs and why.",
-            "",
-            "Limitation: the fallback is only as good as the builtin class. On vLLM 0.33.0 "
-            "with lmcache 0.5.6 the builtin itself cannot be built "
-            "(`LMCacheMPSchedulerAdapter() missing a required argument: 'server_urls'`, "
-            "measured by binding its calls to lmcache's signatures). Checking that a candidate "
-            "can be built before choosing it is a separate change, not part of this PR.",
-            "",
-            "If AI assistance was used, say so here and with `--assisted-by` (vLLM's rule). "
-            "The submitter must review every changed line, rerun the test plan, "
-            "and check that no open PR already covers this (`gh pr list --repo "
-            "vllm-project/vllm --search \"LMCacheMPConnector in:title\"`) before opening it.",
-            *(
-                ["", "<details><summary>vLLM x lmcache pairing table (measured; 'patched' is "
-                 "the full downstream series, of which this PR is the first part)</summary>", "",
-                 matrix.read_text(), "</details>"]
-                if matrix.is_file()
-                else []
-            ),
-        ]
-    )  # fmt: skip
+    values = {
+        "base": base,
+        "lmcache": pr.tests.lmcache,
+        "commands": "\n".join(commands),
+        "tests": " ".join(tests),
+        "test_file": TEST_FILE,
+        "example": _measured_example(),
+        "new_tests": str(len(own)),
+        "new_passed": str(own.count("passed")),
+        "regressions": str(len(pr.tests.regressions)),
+        "base_counts": _counts(pr.tests.baseline.counts()),
+        "pr_counts": _counts(pr.tests.patched.counts()),
+        "base_seconds": f"{pr.tests.baseline.seconds:.1f}",
+        "pr_seconds": f"{pr.tests.patched.seconds:.1f}",
+        "matrix": matrix.read_text() if matrix.is_file() else "",
+        **_hook_values(pr),
+    }
+    text = {name: prose.substitute(values) for name, prose in _prose().items()}
+    purpose = text["purpose"]
+    if values["example"]:
+        purpose += " " + text["measured example"]
+    details = text["details"]
+    if values["matrix"]:
+        details += "\n\n" + text["pairing table"]
     return {
         "purpose": purpose,
         "overview": purpose,
-        "claims": claims,
-        "test plan": plan,
-        "test result": result,
-        "validation": plan + "\n\n" + result,
+        "claims": text["claims"],
+        "test plan": text["test plan"],
+        "test result": text["test result"],
+        "validation": text["test plan"] + "\n\n" + text["test result"],
         "details": details,
     }
 
@@ -356,8 +303,7 @@ def _build(
     change = {f: (tree / f).read_bytes() for f in files}
     tests = tests or [UNIT_DIR]
     report = run_vllm_tests(base, lmcache, staging / "tests", change=change, paths=tests)
-    outcomes = report.patched.outcomes
-    own = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
+    own = report.patched.of((RESOLUTION_TESTS,))
     failing = report.regressions + [t for t, o in own.items() if o != "passed"]
     if failing or not own:
         # The report lives in the staging directory, which is removed: name a test instead.

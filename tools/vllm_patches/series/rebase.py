@@ -29,9 +29,8 @@ from vllm_patches._git import (
 )
 from vllm_patches._proc import logger
 from vllm_patches.errors import PatchToolError, ReportedError
-from vllm_patches.overlay import dump_manifest, regenerate
-from vllm_patches.precommit import run_hooks
-from vllm_patches.series import (
+from vllm_patches.series.hooks import run_hooks
+from vllm_patches.series.manifest import (
     CONNECTOR,
     MANIFEST,
     OVERLAY_DIR,
@@ -44,7 +43,8 @@ from vllm_patches.series import (
     load_manifest,
     sha256_bytes,
 )
-from vllm_patches.sources import cache_root, checkout, parse_version, read_sdist_file
+from vllm_patches.series.overlay import dump_manifest, regenerate
+from vllm_patches.sources.releases import cache_root, checkout, parse_version, read_sdist_file
 
 STATE_FILE = "vllm-lmcache-mp-rebase.json"
 UPSTREAM_STATUS = re.compile(r"^Upstream-Status: .*$", re.MULTILINE)

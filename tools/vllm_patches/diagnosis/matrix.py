@@ -19,14 +19,14 @@ from packaging.version import Version
 
 from vllm_patches._git import run_git
 from vllm_patches._proc import stopped_on_signals
-from vllm_patches.apply import apply, recover, status
-from vllm_patches.envs import default_lmcache, lmcache_layer, venv_dir, vllm_env
+from vllm_patches.diagnosis.live import Layer, build_layers, failed_step, works
+from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.errors import PatchToolError
-from vllm_patches.live import Layer, build_layers, failed_step, works
-from vllm_patches.lmcache_server import ServerPool
-from vllm_patches.series import REPO_ROOT, load_manifest
-from vllm_patches.sources import cache_root, final_releases, read_sdist_file, release_arg
-from vllm_patches.targets import installed_vllm
+from vllm_patches.series.manifest import REPO_ROOT, load_manifest
+from vllm_patches.sources.releases import cache_root, final_releases, read_sdist_file, release_arg
+from vllm_patches.sources.venvs import default_lmcache, lmcache_layer, venv_dir, vllm_env
+from vllm_patches.targets.apply import apply, recover, status
+from vllm_patches.targets.find import installed_vllm
 
 Cell = dict[str, object]
 _LABELS = ("unpatched", "patched")

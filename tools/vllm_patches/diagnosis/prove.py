@@ -7,12 +7,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_patches.apply import apply, status
-from vllm_patches.envs import default_lmcache, vllm_env
+from vllm_patches.diagnosis.probe import probe, resolution_line
 from vllm_patches.errors import PatchToolError
-from vllm_patches.probe import probe, resolution_line
-from vllm_patches.sources import checkout
-from vllm_patches.targets import installed_vllm
+from vllm_patches.sources.releases import checkout
+from vllm_patches.sources.venvs import default_lmcache, vllm_env
+from vllm_patches.targets.apply import apply, status
+from vllm_patches.targets.find import installed_vllm
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -26,7 +26,7 @@ def prove(version: str, lmcache: str | None = None) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="vllm-patches-prove-") as tmp:
         tree = checkout(version, Path(tmp) / "vllm")
         yield f"checkout: {tree} (tag v{version})"
-        from vllm_patches.targets import resolve_target
+        from vllm_patches.targets.find import resolve_target
 
         git_target = resolve_target(tree)
         yield f"apply: {apply(git_target).message}"

@@ -1,0 +1,1 @@
+"""What the series does there: probes, doctor, real builds, the pairing table."""

@@ -1,0 +1,1 @@
+"""Where vLLM comes from: the package index, sdists, git checkouts, venvs."""
