@@ -8,13 +8,13 @@ import importlib.util
 import inspect
 import os
 import pkgutil
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
+import regex as re
 import torch
 import zmq
 from lmcache.integration.vllm.utils import mla_enabled
@@ -1451,7 +1451,7 @@ def _lmcache_signature(
         target = vars(module).get(name)
         if target is None and source_module.split(".")[0] == "lmcache":
             target = getattr(importlib.import_module(source_module), source_name)
-        if not getattr(target, "__module__", "").startswith("lmcache"):
+        if not callable(target) or not target.__module__.startswith("lmcache"):
             return None
         return inspect.signature(target)
     except Exception:
