@@ -180,3 +180,27 @@ def test_no_attribution_trailer_or_ticked_ai_box_unless_the_contributor_asks():
     template = "## Purpose\n\n<!-- x -->\n- [ ] AI assistance was used during the creation\n"
     assert "- [ ] AI assistance" in fill_template(template, {"purpose": "p"})
     assert "- [x] AI assistance" in fill_template(template, {"purpose": "p"}, ai_assisted=True)
+
+
+@pytest.mark.slow
+def test_the_whole_series_passes_vllms_own_hooks_on_the_newest_release(tmp_path):
+    """Every patch, not just what prepare-upstream-pr sends, passes vLLM's pre-commit hooks
+    (mypy, forbidden imports, ruff with its config, …) on the newest supported release."""
+    from vllm_patches.series.hooks import run_hooks
+    from vllm_patches.sources.releases import checkout
+
+    base = newest_release()
+    tree = tmp_path / "vllm"
+    subprocess.run(["git", "clone", "-q", checkout(base), tree], check=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    patches = [str(p) for p in load_manifest().releases[base].patch_files]
+    subprocess.run(
+        ["git", "am", "-q", "-3", "--keep-non-patch", *patches], cwd=tree, env=env, check=True
+    )
+    files = _git(tree, "diff", "--name-only", f"v{base}..HEAD").split()
+    assert len(files) == 4
+    results, output = run_hooks(tree, files)
+    ran = {r.id: r.outcome for r in results if r.outcome != "skipped"}
+    assert {"ruff-check", "mypy", "check-forbidden-imports"} <= set(ran)
+    assert set(ran.values()) == {"passed"}, output

@@ -129,30 +129,25 @@ def apply(
         outcome = Outcome(
             False, f"vLLM {target.version} already contains the series: nothing to do"
         )
-    elif revert:
-        outcome = _revert(place, st, check=check, force=force)
     else:
-        outcome = _apply(place, st, check=check, force=force)
+        outcome = _change(place, st, revert=revert, check=check, force=force)
     if recovered:
         return Outcome(outcome.changed or not check, recovered + outcome.message)
     return outcome
 
 
-def _apply(place: Place, st: Status, *, check: bool, force: bool) -> Outcome:
-    if st.overall == "patched":
-        return Outcome(False, f"{place.target.describe()} is already patched: nothing to do")
+def _change(place: Place, st: Status, *, revert: bool, check: bool, force: bool) -> Outcome:
+    """Apply or revert on ``place`` after the checks both share; ``check`` stops at preflight."""
+    what = place.target.describe()
+    done, nothing, ready = (
+        ("unpatched", "is not patched: nothing to revert", "can be reverted from")
+        if revert
+        else ("patched", "is already patched: nothing to do", "applies cleanly to")
+    )
+    if st.overall == done:
+        return Outcome(False, f"{what} {nothing}")
     _refuse_modified(st, force)
     if check:
-        place.preflight_apply(st.release)
-        return Outcome(False, f"the series applies cleanly to {place.target.describe()}")
-    return place.apply(st.release)
-
-
-def _revert(place: Place, st: Status, *, check: bool, force: bool) -> Outcome:
-    if st.overall == "unpatched":
-        return Outcome(False, f"{place.target.describe()} is not patched: nothing to revert")
-    _refuse_modified(st, force)
-    if check:
-        place.preflight_revert(st.release)
-        return Outcome(False, f"the series can be reverted from {place.target.describe()}")
-    return place.revert(st.release)
+        (place.preflight_revert if revert else place.preflight_apply)(st.release)
+        return Outcome(False, f"the series {ready} {what}")
+    return (place.revert if revert else place.apply)(st.release)
