@@ -74,6 +74,10 @@ class Run:
             counts[outcome] = counts.get(outcome, 0) + 1
         return dict(sorted(counts.items()))
 
+    def counts_text(self) -> str:
+        """``3 failed, 80 passed``: the counts, for a line or a table cell."""
+        return ", ".join(f"{n} {k}" for k, n in self.counts().items())
+
     def of(self, files: tuple[str, ...] = SERIES_TESTS) -> dict[str, str]:
         """Outcome per test id of the tests in ``files`` (file names without ``.py``)."""
         return {t: o for t, o in self.outcomes.items() if any(f in t for f in files)}
@@ -93,13 +97,12 @@ class Report:
     def summary(self) -> list[str]:
         """Counts per run and of the series' own tests, one line each.
 
-        :raises PatchToolError: on a regression, or when the series' own tests did not all
-            pass (or did not run).
+        :raises ReportedError: (with these lines) on a regression, or when the series' own
+            tests did not all pass (or did not run).
         """
         lines = []
         for name, run in (("baseline", self.baseline), ("patched", self.patched)):
-            counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
-            lines.append(f"{name}: {counts} in {run.seconds:.1f} s")
+            lines.append(f"{name}: {run.counts_text()} in {run.seconds:.1f} s")
         own = list(self.patched.of().values())
         failed = [o for o in own if o not in ("passed", "skipped")]
         lines.append(
@@ -122,8 +125,7 @@ class Report:
             "|---|---|---|",
         ]
         for name, run in (("baseline", self.baseline), ("patched", self.patched)):
-            counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
-            lines.append(f"| {name} | {run.seconds:.1f} s | {counts} |")
+            lines.append(f"| {name} | {run.seconds:.1f} s | {run.counts_text()} |")
         lines += ["", f"Regressions (pass -> not pass): {len(self.regressions)}", ""]
         lines += [f"- `{t}`" for t in self.regressions]
         if self.collection_errors:

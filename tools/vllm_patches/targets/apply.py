@@ -81,8 +81,11 @@ def status(target: Target, manifest: Manifest | None = None) -> Status:
     """Classify ``target``: unpatched, patched, upstream (the release has the whole series) or
     modified."""
     place = place_for(target)
-    release = _release(manifest or load_manifest(), place)
-    result = Status(target, "unpatched", release)
+    return _status(place, _release(manifest or load_manifest(), place))
+
+
+def _status(place: Place, release: Release) -> Status:
+    result = Status(place.target, "unpatched", release)
     result.patches = dict.fromkeys(release.upstream, "upstream")
     for group in place.groups(release):
         state, count = group.state(place.read(group.path))
@@ -120,11 +123,10 @@ def apply(
 
     :raises PatchToolError: when the target cannot take the change; nothing is changed then.
     """
-    manifest = load_manifest()
     place = place_for(target)
-    release = _release(manifest, place)
+    release = _release(load_manifest(), place)
     recovered = place.recover(release, check=check) if release.groups else ""
-    st = status(target, manifest)
+    st = _status(place, release)
     if not release.groups:
         outcome = Outcome(
             False, f"vLLM {target.version} already contains the series: nothing to do"

@@ -39,7 +39,7 @@ DOWNSTREAM_TRAILERS = re.compile(
     r"Signed-off-by|Co-authored-by): .*\n",
     re.MULTILINE,
 )
-TEST_FILE = "tests/v1/kv_connector/unit/test_lmcache_mp_connector_resolution.py"
+TEST_FILE = f"{UNIT_DIR}/{RESOLUTION_TESTS}.py"
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
         "new_tests": str(len(own)),
         "new_passed": str(own.count("passed")),
         "regressions": str(len(pr.tests.regressions)),
-        "base_counts": _counts(pr.tests.baseline.counts()),
-        "pr_counts": _counts(pr.tests.patched.counts()),
+        "base_counts": pr.tests.baseline.counts_text() or "none",
+        "pr_counts": pr.tests.patched.counts_text() or "none",
         "base_seconds": f"{pr.tests.baseline.seconds:.1f}",
         "pr_seconds": f"{pr.tests.patched.seconds:.1f}",
         "matrix": matrix.read_text() if matrix.is_file() else "",
@@ -164,10 +164,6 @@ def _sections(base: str, pr: PullRequest, commands: list[str], tests: list[str])
         "validation": text["test plan"] + "\n\n" + text["test result"],
         "details": details,
     }
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in counts.items()) or "none"
 
 
 def fill_template(template: str, sections: dict[str, str], *, ai_assisted: bool = False) -> str:
