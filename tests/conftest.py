@@ -57,20 +57,16 @@ def _no_machine_git_config(tmp_path_factory):
     patch.undo()
 
 
-SUPPORTED = [
-    "0.12.0", "0.13.0", "0.14.0", "0.14.1", "0.16.0", "0.17.0", "0.17.1", "0.18.0",
-    "0.18.1", "0.19.0", "0.19.1", "0.20.0", "0.20.1", "0.20.2", "0.21.0",
-    "0.22.0", "0.22.1", "0.23.0", "0.24.0", "0.25.0", "0.25.1", "0.26.0", "0.27.0",
-    "0.27.1", "0.28.0", "0.29.0", "0.30.0", "0.31.0", "0.32.0", "0.33.0",
-]  # fmt: skip
+SUPPORTED = sorted(load_manifest().releases, key=Version)
+"""Every release the series supports, oldest first, as the manifest lists them."""
 
 
 def upstream_patches(version: str) -> tuple[str, ...]:
-    """The series' patches upstream took by ``version``: #38301 (0008), #42596 (0001)."""
+    """The series' patches upstream took by ``version`` (each patch's ``first_release``)."""
     return tuple(
-        n
-        for n, first in (("0001", "0.22.0"), ("0008", "0.20.0"))
-        if Version(version) >= Version(first)
+        number
+        for number, info in load_manifest().patches.items()
+        if info.first_release and Version(version) >= Version(info.first_release)
     )
 
 
@@ -175,6 +171,21 @@ def fake_site(tmp_path) -> Callable[[str], tuple[Path, Path]]:
     return make
 
 
+@pytest.fixture
+def without_git(tmp_path, monkeypatch) -> Callable[[], None]:
+    """Call it to take git away for the rest of the test: PATH holds only a python."""
+
+    def hide() -> None:
+        bin_dir = tmp_path / "bin-without-git"
+        bin_dir.mkdir()
+        for name in ("python", "python3"):
+            (bin_dir / name).symlink_to(sys.executable)
+        monkeypatch.setenv("PATH", str(bin_dir))
+        assert shutil.which("git") is None
+
+    return hide
+
+
 def connector_bytes(root: Path) -> bytes:
     return (root / CONNECTOR).read_bytes()
 
@@ -228,3 +239,25 @@ def assert_record_true(site: Path) -> None:
             assert row[1:] == [record_hash(data), str(len(data))], rel
     listed = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
     assert listed <= set(rows), "every file must be in RECORD so that pip uninstall removes it"
+
+
+@pytest.fixture
+def patched():
+    """Apply the series to a cached venv (real vLLM, real lmcache) for the test, revert it
+    afterwards."""
+    from vllm_patches.sources.venvs import vllm_env
+    from vllm_patches.targets.apply import apply
+    from vllm_patches.targets.find import installed_vllm
+
+    sites = []
+
+    def _patched(version: str, lmcache: str) -> Path:
+        python = vllm_env(version, lmcache)
+        site = installed_vllm(str(python))
+        apply(site)
+        sites.append(site)
+        return python
+
+    yield _patched
+    for site in sites:
+        apply(site, revert=True)

@@ -14,7 +14,7 @@ from conftest import (
     tree_snapshot,
     upstream_patches,
 )
-from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR
+from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR, sha256_bytes
 
 
 def _overlay(manifest, version: str) -> bytes:
@@ -94,14 +94,55 @@ def test_plain_tree_round_trip(manifest, plain_tree, cli, apply_cli, version):
     assert tree_snapshot(tree) == before
 
 
+def _assert_series_on(manifest, root, groups) -> None:
+    """Every file of ``groups`` under ``root`` is what the series makes: the overlay file, or
+    for a test file (not in the overlay) the result the manifest records."""
+    for group in groups:
+        data = (root / group.path).read_bytes()
+        if group.installed:
+            assert data == group.overlay_file.read_bytes(), group.path
+        assert sha256_bytes(data) == group.results[-1], group.path
+
+
+@pytest.mark.parametrize("version", ["0.16.0", "0.21.0"])
+def test_plain_tree_round_trip_without_git(manifest, plain_tree, apply_cli, without_git, version):
+    tree = plain_tree(version)
+    before = tree_snapshot(tree)
+    without_git()
+    code, out, err = apply_cli(tree)
+    assert (code, err) == (0, ""), err
+    assert out == f"applied the series of vLLM {version} in {tree}\n"
+    _assert_series_on(manifest, tree, manifest.releases[version].groups)
+    assert apply_cli("--check", "--revert", tree)[0] == 0
+    code, out, err = apply_cli("--revert", tree)
+    assert (code, err) == (0, ""), err
+    assert tree_snapshot(tree) == before
+
+
+@pytest.mark.parametrize("version", ["0.16.0", "0.21.0"])
+def test_site_round_trip_without_git(manifest, fake_site, apply_cli, cli, without_git, version):
+    python, site = fake_site(version)
+    before = tree_snapshot(site)
+    without_git()
+    assert apply_cli("--python", python)[0] == 0
+    release = manifest.releases[version]
+    _assert_series_on(manifest, site, [g for g in release.groups if g.installed])
+    assert not (site / "tests").exists()
+    assert_record_true(site)
+    assert cli("status", "--python", python)[1].startswith("patched\n")
+    code, _, err = apply_cli("--revert", "--python", python)
+    assert (code, err) == (0, ""), err
+    assert tree_snapshot(site) == before  # the original files and RECORD, byte for byte
+
+
 def test_unknown_newer_release_asks_for_a_rebase(git_tree, cli, apply_cli):
     tree = git_tree("0.33.0")
     before = tree_snapshot(tree)
     code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
     assert code == 1 and out == ""
     assert err == (
-        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.33.0); "
-        "run tools/rebase-patches --onto 0.99.0\n"
+        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.33.0); make one with "
+        "vllm-patches rebase --onto 0.99.0 in a clone of vllm-lmcache-mp\n"
     )
     assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
     assert tree_snapshot(tree) == before
@@ -225,11 +266,19 @@ def test_series_that_does_not_apply(git_tree, apply_cli):
 
 
 def test_plain_tree_modified_file(plain_tree, apply_cli):
+    """The series replaces whole files in a plain tree: --force cannot merge a local change."""
     tree = plain_tree("0.14.1")
     path = tree / CONNECTOR
     path.write_text(path.read_text().replace("class LMCacheMPConnector(", "class MyConnector("))
-    _refused(apply_cli, tree, match="matches neither vLLM 0.14.1's original nor the patched file")
-    _refused(apply_cli, tree, "--force", match="the series for vLLM 0.14.1 does not apply to")
+    for args in ((), ("--force",), ("--check",)):
+        _refused(
+            apply_cli,
+            tree,
+            *args,
+            match=f"error: {path} matches neither vLLM 0.14.1's original nor the patched file "
+            "(local changes?); restore it (the series replaces whole files here, so --force "
+            "cannot help)\n",
+        )
 
 
 def test_existing_series_branch(git_tree, apply_cli):
@@ -300,13 +349,32 @@ def test_site_revert_without_apply(fake_site, apply_cli):
 
 
 def test_site_modified_after_patching(fake_site, apply_cli):
+    """Refused; --force restores the backup (whole files, as apply found them)."""
     python, site = fake_site("0.21.0")
+    original = tree_snapshot(site)
     assert apply_cli("--python", python)[0] == 0
     (site / CONNECTOR).write_text("# edited by hand\n")
     before = tree_snapshot(site)
     code, _, err = apply_cli("--revert", "--python", python)
-    assert code == 1 and "matches neither" in err
+    assert code == 1 and "matches neither" in err and "or pass --force to try anyway" in err
     assert tree_snapshot(site) == before
+    assert apply_cli("--revert", "--force", "--python", python)[0] == 0
+    assert tree_snapshot(site) == original
+
+
+def test_site_modified_before_patching_is_refused_even_with_force(fake_site, apply_cli):
+    python, site = fake_site("0.21.0")
+    (site / CONNECTOR).write_text("# edited by hand\n")
+    before = tree_snapshot(site)
+    for args in ((), ("--force",)):
+        assert apply_cli(*args, "--python", python) == (
+            1,
+            "",
+            f"error: {site / CONNECTOR} matches neither vLLM 0.21.0's original nor the patched "
+            "file (local changes?); restore it (the series replaces whole files here, so --force "
+            "cannot help)\n",
+        )
+        assert tree_snapshot(site) == before
 
 
 def test_plain_tree_with_one_file_restored_can_be_applied_and_reverted(plain_tree, apply_cli):

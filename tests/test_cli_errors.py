@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -73,7 +72,9 @@ def test_merge_of_a_file_that_is_not_a_table(cli, tmp_path):
 def test_release_numbers_are_normalised_or_refused():
     assert release_arg("v0.21.0") == "0.21.0"
     assert release_arg(" 0.21.0 ") == "0.21.0"
-    with pytest.raises(argparse.ArgumentTypeError, match="'abc' is not a release number"):
+    with pytest.raises(
+        PatchToolError, match=r"^'abc' is not a release number; give one like 0\.21\.0$"
+    ):
         release_arg("abc")
 
 

@@ -128,21 +128,30 @@ def test_doctor_warns_when_vllms_pins_are_not_met(python, tmp_path):
     assert "warning: transformers 4.0.0 is installed, vllm needs " in "\n".join(diagnosis.lines())
 
 
-def test_doctor_advises_every_copy_that_builds_as_the_series_tries_them():
-    def candidate(suffix: str) -> dict:
-        module = f"lmcache.integration.vllm.lmcache_mp_connector_{suffix}"
-        return {"module": module, "imports": True, "subclass": True, "builds": True, "error": ""}
+def test_doctor_advises_each_copy_that_builds_newer_ones_too_in_the_probes_order():
+    """One fix per candidate that builds, none for one that does not, in the order the probe
+    reported them (the probe lists them as the series tries them). A copy made for a newer
+    vLLM (0180, 0201 on 0.17.1) is tried last by the series (patch 0006), not never, so it is
+    advised too."""
 
+    def candidate(suffix: str, *, builds: bool = True) -> dict:
+        module = f"lmcache.integration.vllm.lmcache_mp_connector_{suffix}"
+        return {"module": module, "imports": True, "subclass": True, "builds": builds, "error": ""}
+
+    # Deliberately neither sorted nor reverse-sorted: only keeping the given order passes.
+    order = ("0180", "0170", "0201")
     data = {
         "vllm": "0.17.1+cpu",
         "lmcache": "0.5.3",
         "patched": True,
-        "candidates": [candidate("0201"), candidate("0180"), candidate("0170")],
+        "candidates": [
+            candidate("0180"),
+            candidate("main", builds=False),
+            *map(candidate, order[1:]),
+        ],
         "chosen_builds": False,
         "chosen_error": "LMCacheMPConnector: no connector can be built",
     }
-    # Copies made for a newer vLLM are tried last by the series (patch 0006), not never.
     assert Diagnosis(data).fixes() == [
-        f"set LMCACHE_MP_CONNECTOR_MODULE={candidate(s)['module']}"
-        for s in ("0201", "0180", "0170")
+        f"set LMCACHE_MP_CONNECTOR_MODULE={candidate(s)['module']}" for s in order
     ]

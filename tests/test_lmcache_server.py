@@ -42,8 +42,11 @@ def _listening(url: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def test_free_port_is_free_on_loopback():
+def test_free_port_names_a_port_nothing_holds_on_loopback():
+    """What start() gives the server: a real port, not listened on, released for the server."""
     port = free_port()
+    assert type(port) is int and 1024 <= port <= 65535
+    assert not _listening(f"tcp://127.0.0.1:{port}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
 

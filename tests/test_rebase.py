@@ -84,12 +84,12 @@ def test_conflict_stops_and_leaves_the_series_untouched(conflict):
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: patch 0002 conflicts with vLLM 0.23.0 in {CONNECTOR}; "
-        f"resolve it in {work} and run tools/rebase-patches --continue"
+        f"resolve it in {work} and run vllm-patches rebase --continue"
     ]
     report = proc.stdout
     assert report.startswith("patch connector-0.22.0/0002-KVConnector-LMCache-Harden-")
     assert "<<<<<<<" in report and ">>>>>>>" in report
-    assert f"tools/rebase-patches --continue --workdir {work}" in report
+    assert f"vllm-patches rebase --continue --workdir {work}" in report
     assert _series_state(project) == before
     conflicted = (work / CONNECTOR).read_text()
     assert "<<<<<<<" in conflicted
@@ -112,7 +112,8 @@ def test_conflict_stops_and_leaves_the_series_untouched(conflict):
     proc = run_tool(project, "rebase-patches", "--continue", "--workdir", work)
     assert proc.returncode == 1
     assert proc.stderr == (
-        f"error: no rebase is in progress in {work}; start one with --onto VERSION\n"
+        f"error: no rebase is in progress in {work}; start one with vllm-patches rebase "
+        "--onto VERSION\n"
     )
 
 
@@ -126,7 +127,8 @@ def test_resolved_conflict_continues_but_a_non_release_base_is_not_recorded(conf
     assert proc.returncode == 1
     assert proc.stderr == (
         f"error: {CONNECTOR} in {work} at v0.23.0 differs from vLLM 0.23.0's sdist; a series "
-        "is recorded against released files: --abort, and rebase onto the release itself\n"
+        "is recorded against released files: run vllm-patches rebase --abort, and rebase onto "
+        "the release itself\n"
     )
     log = subprocess.run(
         ["git", "log", "--format=%s", "v0.23.0..HEAD"], cwd=work, capture_output=True, text=True
@@ -168,7 +170,7 @@ def test_ruff_failure_stops_and_continue_writes_the_fixed_series(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == (
         "error: the series carried onto vLLM 0.31.0 fails that release's ruff hooks; "
-        f"fix it in {work} and run tools/rebase-patches --continue\n"
+        f"fix it in {work} and run vllm-patches rebase --continue\n"
     )
     # vLLM's ruff-check hook runs with --fix: the report shows what ruff would change.
     assert "- hook id: ruff-check" in proc.stdout
@@ -248,7 +250,7 @@ def test_continue_with_nothing_in_progress(tmp_path, monkeypatch):
     proc = run_tool(project_copy(tmp_path, "0.99.0"), "rebase-patches", "--continue")
     assert proc.returncode == 1
     assert proc.stderr == (
-        "error: no rebase is in progress; start one with tools/rebase-patches --onto VERSION\n"
+        "error: no rebase is in progress; start one with vllm-patches rebase --onto VERSION\n"
     )
 
 

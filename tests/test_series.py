@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 from conftest import SUPPORTED, upstream_patches
-from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR, PATCHES_DIR, sha256_bytes
+from vllm_patches.series.manifest import (
+    CONNECTOR,
+    OVERLAY_DIR,
+    PATCHES_DIR,
+    file_sha256,
+    load_manifest,
+    sha256_bytes,
+)
 from vllm_patches.series.overlay import apply_to_bytes, regenerate
 from vllm_patches.sources.releases import read_sdist_file
 
@@ -55,7 +62,7 @@ def test_no_patch_is_stored_twice():
 
 
 def test_manifest_covers_every_release(manifest):
-    assert set(manifest.releases) == set(SUPPORTED)
+    assert not set(SUPPORTED) & set(manifest.unsupported)  # supported or refused, not both
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
     every = [f"{n:04d}" for n in range(1, 11)]
@@ -66,6 +73,21 @@ def test_manifest_covers_every_release(manifest):
         assert numbers == [n for n in every if n not in upstream]
     assert manifest.patches["0001"].first_release == "0.22.0"
     assert manifest.patches["0008"].first_release == "0.20.0"
+
+
+@pytest.mark.parametrize("name", sorted(load_manifest().groups))
+def test_every_group_goes_on_and_comes_off_exactly_without_git(manifest, name):
+    """The overlay file with the group's patches taken off is its base; put back on, each
+    step gives the result the manifest records and the last one the overlay file."""
+    group = manifest.groups[name]
+    patches = [PATCHES_DIR / p for p in group.patches]
+    top = group.overlay_file.read_bytes() if group.installed else None
+    base = apply_to_bytes(group.path, top, patches[::-1], reverse=True)[-1] if top else None
+    assert file_sha256(base) == group.base_sha256
+    results = apply_to_bytes(group.path, base, patches)
+    assert [file_sha256(r) for r in results] == list(group.results)
+    if top is not None:
+        assert results[-1] == top
 
 
 @pytest.mark.network

@@ -6,7 +6,9 @@ pre-commit planner of vLLM's hooks, the PR prose and the series' test-id filter.
 
 from __future__ import annotations
 
+import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,14 @@ from vllm_patches._git import (
     run_git,
     tracked_changes,
 )
+from vllm_patches._proc import run_subprocess
 from vllm_patches.diagnosis.vllm_tests import RESOLUTION_TESTS, SERIES_TESTS, Report, Run
 from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.series import hooks
+from vllm_patches.series.manifest import Release
 from vllm_patches.series.overlay import apply_to_bytes
 from vllm_patches.targets.apply import place_for
+from vllm_patches.targets.files import plan
 from vllm_patches.targets.find import Target, resolve_target
 from vllm_patches.upstream import pr
 
@@ -107,13 +112,22 @@ def test_resolve_target_tells_the_kinds_apart(tmp_path):
 @pytest.mark.parametrize(
     ("make", "error"),
     [
-        (lambda p: p.mkdir(), "is not a vLLM source tree"),
-        (lambda p: (p / "vllm").mkdir(parents=True) or (p / "vllm/__init__.py").touch(), "pass"),
+        (
+            lambda p: p.mkdir(),
+            "{t} is not a vLLM source tree (no vllm/__init__.py); pass a vLLM checkout, "
+            "an unpacked sdist, or --site/--python for an installed vLLM",
+        ),
+        (
+            lambda p: (p / "vllm").mkdir(parents=True) or (p / "vllm/__init__.py").touch(),
+            "cannot tell which vLLM release {t} is (no vX.Y.Z tag, no PKG-INFO); "
+            "pass --vllm-version",
+        ),
     ],
 )
 def test_resolve_target_refuses_what_it_cannot_tell(tmp_path, make, error):
     make(tmp_path / "t")
-    with pytest.raises(PatchToolError, match=error):
+    message = error.format(t=tmp_path / "t")
+    with pytest.raises(PatchToolError, match=f"^{re.escape(message)}$"):
         resolve_target(tmp_path / "t")
     with pytest.raises(PatchToolError, match="give a vLLM tree"):
         resolve_target(None)
@@ -132,7 +146,44 @@ def test_a_source_tree_reads_what_is_there(tmp_path):
     assert place.read("vllm/missing.py") is None
 
 
-# --- overlay: patches applied with git apply, forwards and back ----------------------------------
+def test_a_damaged_copy_of_the_series_is_refused_before_anything_is_written(tmp_path, manifest):
+    group = replace(manifest.groups["tests"], results=("0" * 64,))
+    place = place_for(Target("tree", _vllm_tree(tmp_path / "t"), "0.21.0"))
+    with pytest.raises(
+        PatchToolError,
+        match=r"^the series' files of group tests do not give the sha256 that .*series\.toml "
+        r"records \(a damaged copy\); reinstall vllm-lmcache-mp, or in a clone of it run "
+        r"vllm-patches overlay --check$",
+    ):
+        plan(place, Release("0.21.0", (group,)), reverse=False)
+
+
+def test_without_git_a_plain_tree_resolves_and_a_checkout_is_refused(tmp_path, without_git):
+    tree = _vllm_tree(tmp_path / "tree")
+    checkout = _repo(tmp_path / "git", {"vllm/__init__.py": ""})
+    without_git()
+    assert resolve_target(tree).kind == "tree"
+    message = (
+        f"{checkout.resolve()} is a git checkout but git is not installed or not on PATH; "
+        "install git, or patch an unpacked sdist or an installed vLLM instead"
+    )
+    with pytest.raises(PatchToolError, match=f"^{re.escape(message)}$"):
+        resolve_target(checkout)
+
+
+# --- _proc ---------------------------------------------------------------------------------------
+
+
+def test_a_command_past_its_timeout_is_stopped_with_one_error_line():
+    with pytest.raises(
+        PatchToolError,
+        match=r"^sleep 30 did not finish in 0\.2 s and was stopped; check that it runs by hand, "
+        r"then run the command again$",
+    ):
+        run_subprocess(["sleep", "30"], timeout=0.2)
+
+
+# --- overlay: patches applied exactly, without git, forwards and back ----------------------------
 
 
 def test_apply_to_bytes_forwards_and_back(tmp_path):
@@ -142,8 +193,64 @@ def test_apply_to_bytes_forwards_and_back(tmp_path):
     (after,) = apply_to_bytes("pkg/mod.py", base, [patch])
     assert after == b"x = 1\ny = 3\n"
     assert apply_to_bytes("pkg/mod.py", after, [patch], reverse=True) == [base]
-    with pytest.raises(PatchToolError):
+    with pytest.raises(
+        PatchToolError,
+        match=r"^0001-y\.patch does not apply to pkg/mod\.py: its hunk at line 1 does not match",
+    ):
         apply_to_bytes("pkg/mod.py", b"something else\n", [patch])
+
+
+NOTES = "pkg/notes.txt"
+CREATE = f"""\
+diff --git a/{NOTES} b/{NOTES}
+new file mode 100644
+--- /dev/null
++++ b/{NOTES}
+@@ -0,0 +1,3 @@
++one
++
++two
+"""
+# The empty context line has lost its leading space, as editors that trim lines leave it.
+END = f"""\
+diff --git a/{NOTES} b/{NOTES}
+--- a/{NOTES}
++++ b/{NOTES}
+@@ -2,2 +2,3 @@
+
+-two
++two
++three
+\\ No newline at end of file
+"""
+
+
+def test_apply_to_bytes_creates_removes_and_keeps_a_missing_final_newline(tmp_path):
+    create, end = tmp_path / "0001-create.patch", tmp_path / "0002-end.patch"
+    create.write_text(CREATE)
+    end.write_text(END)
+    assert apply_to_bytes(NOTES, None, [create, end]) == [b"one\n\ntwo\n", b"one\n\ntwo\nthree"]
+    assert apply_to_bytes(NOTES, b"one\n\ntwo\nthree", [end, create], reverse=True) == [
+        b"one\n\ntwo\n",
+        None,
+    ]
+    with pytest.raises(
+        PatchToolError, match=r"^0001-create\.patch does not apply to .*: the file exists"
+    ):
+        apply_to_bytes(NOTES, b"", [create])
+    with pytest.raises(
+        PatchToolError, match=r"^0002-end\.patch does not apply to .*: the file does not exist"
+    ):
+        apply_to_bytes(NOTES, None, [end])
+
+
+def test_a_patch_that_changes_another_file_is_refused(tmp_path):
+    patch = tmp_path / "0001-y.patch"
+    patch.write_text(PATCH)
+    with pytest.raises(
+        PatchToolError, match=r"it must change pkg/other\.py and nothing else\); restore it$"
+    ):
+        apply_to_bytes("pkg/other.py", b"x = 1\ny = 2\n", [patch])
 
 
 # --- vLLM's hooks: which run, which do not and why ----------------------------------------------

@@ -115,7 +115,7 @@ def test_bad_input(tmp_path, identity, git_tree):
     assert proc.stderr == (
         "error: vLLM 0.21.0 predates vllm-project/vllm#42596 (first in 0.22.0), so the "
         "follow-up cannot go upstream against it; for 0.21.0 use the backport series: "
-        "tools/apply-patches\n"
+        "vllm-patches apply (TREE | --site | --python PY)\n"
     )
     # A branch of the same name in the user's checkout: refused, checkout untouched.
     tree = git_tree("0.33.0")

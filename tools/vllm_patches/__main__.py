@@ -26,6 +26,14 @@ def _tool_version() -> str:
         return "unknown (not installed)"
 
 
+def _release(text: str) -> str:
+    """:func:`release_arg` as an argparse type: a bad release number is a usage mistake."""
+    try:
+        return release_arg(text)
+    except PatchToolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake said in one line (exit 2)."""
 
@@ -66,7 +74,7 @@ def _target_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--vllm-version",
-        type=release_arg,
+        type=_release,
         metavar="VERSION",
         help="the vLLM release, if it cannot be detected",
     )
@@ -85,7 +93,8 @@ def _apply_args(parser: argparse.ArgumentParser, *, revert_flag: bool) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="go on despite a locally modified vLLM file (never over uncommitted git changes)",
+        help="go on despite a locally modified vLLM file where nothing is lost: git am -3 on a "
+        "checkout (never over uncommitted changes), or revert of an installed vLLM",
     )
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     parser.set_defaults(func=_cmd_apply)
@@ -137,13 +146,16 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
     from vllm_patches.series.overlay import regenerate
 
     if not args.check:
-        require_clone("overlay")
+        require_clone("vllm-patches overlay")
 
     report = regenerate(check=args.check)
     for line in report:
         print(line)
     if args.check and report:
-        msg = "vllm_overlay/ or patches/series.toml is stale; run tools/vllm-patches overlay"
+        msg = (
+            "vllm_overlay/ or patches/series.toml is stale; regenerate them with vllm-patches "
+            "overlay in a clone of vllm-lmcache-mp (or reinstall this copy)"
+        )
         raise PatchToolError(msg)
     if not report:
         print("vllm_overlay/ and patches/series.toml match the series")
@@ -253,8 +265,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_rebase(args: argparse.Namespace) -> int:
     from vllm_patches.series.manifest import require_clone, require_contrib
 
-    require_clone("rebase-patches")
-    require_contrib("rebase-patches")
+    require_clone("vllm-patches rebase")
+    require_contrib("vllm-patches rebase")
     from vllm_patches.series import rebase
 
     if args.abort:
@@ -279,7 +291,10 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
 
 
 REBASE_HELP = "Carry the series onto another vLLM release with git am -3 (needs a clone)."
-UPSTREAM_HELP = "Prepare 0002 + 0003 as a pull request against vLLM's newest supported release."
+UPSTREAM_HELP = (
+    "Prepare 0002 + 0003 as a pull request against vLLM's newest supported release (needs a "
+    "clone, with its contrib extras)."
+)
 
 
 def rebase_parser() -> argparse.ArgumentParser:
@@ -294,7 +309,7 @@ def _rebase_args(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--onto",
         metavar="VERSION",
-        type=release_arg,
+        type=_release,
         help="the vLLM release to carry the series to",
     )
     what.add_argument(
@@ -305,7 +320,7 @@ def _rebase_args(parser: argparse.ArgumentParser) -> None:
         "--from",
         dest="source",
         metavar="VERSION",
-        type=release_arg,
+        type=_release,
         help="the release whose series to carry (default: the newest older one with a series)",
     )
     parser.add_argument(
@@ -320,7 +335,7 @@ def _rebase_args(parser: argparse.ArgumentParser) -> None:
 def _cmd_upstream(args: argparse.Namespace) -> int:
     from vllm_patches.series.manifest import require_contrib
 
-    require_contrib("prepare-upstream-pr")
+    require_contrib("vllm-patches upstream-pr")
     from vllm_patches.upstream import pr as upstream
 
     base = args.base or upstream.newest_release()
@@ -353,7 +368,7 @@ def upstream_parser() -> argparse.ArgumentParser:
 
 def _upstream_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--base", metavar="VERSION", type=release_arg, help="default: the newest supported release"
+        "--base", metavar="VERSION", type=_release, help="default: the newest supported release"
     )
     parser.add_argument(
         "--out",
@@ -367,7 +382,7 @@ def _upstream_args(parser: argparse.ArgumentParser) -> None:
         "--branch", default="lmcache-mp-connector-hardening", help="the branch to commit on"
     )
     parser.add_argument(
-        "--lmcache", type=release_arg, help="lmcache release for the tests (default: of its time)"
+        "--lmcache", type=_release, help="lmcache release for the tests (default: of its time)"
     )
     parser.add_argument(
         "--tests",
@@ -437,7 +452,7 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_matrix)
 
     p = _command(sub, "wheel", "a patched vLLM wheel: repack the official one, or build")
-    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("version", type=_release, help="the vLLM release")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--from-wheel", type=Path, metavar="PATH", help="the official wheel")
     source.add_argument("--download", action="store_true", help="fetch it through pip (default)")
@@ -458,10 +473,10 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_verify_wheel)
 
     p = _command(sub, "test", "run vLLM's connector unit tests, unpatched vs patched")
-    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("version", type=_release, help="the vLLM release")
     p.add_argument(
         "--lmcache",
-        type=release_arg,
+        type=_release,
         help="lmcache release (default: one of the vLLM release's time)",
     )
     p.add_argument("--out", type=Path, help="report directory (default: ./vllm-tests-VERSION)")
@@ -483,12 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(revert=True)
 
     p = _command(sub, "pairs", "which lmcache to install for a vLLM release (pairing table)")
-    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("version", type=_release, help="the vLLM release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_pairs)
 
     p = _command(sub, "checkout", "make a git checkout of a vLLM release from its sdist")
-    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("version", type=_release, help="the vLLM release")
     p.add_argument("--dest", type=Path, help="where (default: the cached checkout)")
     p.set_defaults(func=_cmd_checkout)
 
@@ -502,15 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
 
-    p = _command(sub, "overlay", "regenerate vllm_overlay/ and the manifest hashes")
-    p.add_argument("--check", action="store_true", help="only report differences")
+    p = _command(sub, "overlay", "regenerate vllm_overlay/ and the manifest hashes (needs a clone)")
+    p.add_argument("--check", action="store_true", help="only report differences (runs anywhere)")
     p.set_defaults(func=_cmd_overlay)
 
     p = _command(sub, "prove", "install vLLM, apply the series, show the resolved class")
-    p.add_argument("version", type=release_arg, help="the vLLM release")
+    p.add_argument("version", type=_release, help="the vLLM release")
     p.add_argument(
         "--lmcache",
-        type=release_arg,
+        type=_release,
         help="lmcache release (default: one of the vLLM release's time)",
     )
     p.set_defaults(func=_cmd_prove)

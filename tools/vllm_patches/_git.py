@@ -57,11 +57,6 @@ def is_git_worktree(path: Path) -> bool:
     return proc.returncode == 0 and Path(proc.stdout.strip()).resolve() == path.resolve()
 
 
-def outside_repo_env(path: Path) -> dict[str, str]:
-    """Environment that keeps git from finding a repository above ``path`` (plain trees)."""
-    return {"GIT_CEILING_DIRECTORIES": str(path.resolve().parent)}
-
-
 def current_ref(root: Path) -> str:
     """The branch checked out in ``root``, or the commit when HEAD is detached."""
     name = run_git(["symbolic-ref", "--short", "-q", "HEAD"], root, check=False).strip()

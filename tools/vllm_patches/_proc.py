@@ -33,6 +33,7 @@ def run_subprocess(
     :param env: extra environment variables laid over ``os.environ``.
     :param check: raise :class:`PatchToolError` on a non-zero exit.
     :param what: what the command does, for the error message.
+    :param timeout: seconds to wait; past them the command is killed and this is an error.
     :param text: decode the output; ``False`` keeps stdout as bytes.
     :returns: the completed process.
     """
@@ -42,6 +43,12 @@ def run_subprocess(
         proc = subprocess.run(
             argv, cwd=cwd, env=full_env, capture_output=True, text=text, timeout=timeout
         )
+    except subprocess.TimeoutExpired:
+        msg = (
+            f"{what or ' '.join(argv)} did not finish in {timeout:g} s and was stopped; "
+            "check that it runs by hand, then run the command again"
+        )
+        raise PatchToolError(msg) from None
     except FileNotFoundError:
         msg = f"{argv[0]} is not installed or not on PATH; install it and run the command again"
         raise PatchToolError(msg) from None

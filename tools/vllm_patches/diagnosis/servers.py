@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_patches._proc import logger
+from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 
 SERVER_MODULE = "lmcache.v1.multiprocess.server"
@@ -59,13 +59,8 @@ def server_flags(python: Path, layer: Path | None) -> list[str] | str:
     cache = layer / ".server-flags.json" if layer is not None else None
     if cache is not None and cache.is_file():
         return json.loads(cache.read_text())
-    proc = subprocess.run(
-        [str(python), "-m", SERVER_MODULE, "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **_env(layer)},
-        timeout=120,
-        check=False,
+    proc = run_subprocess(
+        [python, "-m", SERVER_MODULE, "--help"], env=_env(layer), check=False, timeout=120
     )
     found: list[str] | str
     if proc.returncode == 0:

@@ -1,6 +1,6 @@
 """How long importing vLLM's connector module alone takes: one number of seconds.
 
-Run by path inside the target interpreter (``tools/bench_import``). vLLM's config and
+Run by path inside the target interpreter (``tools/bench_import`` in a clone). vLLM's config and
 lmcache's adapter are imported first, so that the figure isolates the module itself and,
 patched, the series' resolution.
 """

@@ -50,8 +50,9 @@ def require_clone(what: str) -> None:
     """Refuse a contributor workflow where the series is the installed, read-only copy."""
     if not IN_CLONE:
         msg = (
-            f"{what} changes the series, so it needs a clone of vllm-lmcache-mp (git clone, "
-            "then run tools/vllm-patches from it); this installed copy is read-only"
+            f"{what} changes the series, so it needs a clone of vllm-lmcache-mp: git clone it, "
+            "run pip install -e '.[contrib]' in it and run vllm-patches from there; this "
+            "installed copy is read-only"
         )
         raise PatchToolError(msg)
 
@@ -62,7 +63,7 @@ def require_contrib(what: str) -> None:
     if missing:
         msg = (
             f"{what} runs vLLM's pre-commit hooks and needs pre-commit and pyyaml; install them "
-            "with pip install 'vllm-lmcache-mp[contrib]'"
+            "with pip install -e '.[contrib]' in a clone of vllm-lmcache-mp"
         )
         raise PatchToolError(msg)
 
@@ -70,6 +71,11 @@ def require_contrib(what: str) -> None:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(data: bytes | None) -> str:
+    """A file's sha256 as the manifest records it: ``""`` for a file that is not there."""
+    return sha256_bytes(data) if data is not None else ""
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class Group:
 
         ``n`` is how many of the group's patches the bytes carry.
         """
-        digest = sha256_bytes(data) if data is not None else ""
+        digest = file_sha256(data)
         if digest == self.base_sha256:
             return "unpatched", 0
         for index, result in enumerate(self.results, start=1):
@@ -172,7 +178,8 @@ class Manifest:
         else:
             msg = (
                 f"vLLM {version} has no series (supported: {known[0]} … {known[-1]}); "
-                "run tools/rebase-patches --onto " + version
+                f"make one with vllm-patches rebase --onto {version} in a clone of "
+                "vllm-lmcache-mp"
             )
         raise PatchToolError(msg)
 

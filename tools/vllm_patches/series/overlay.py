@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from vllm_patches._git import outside_repo_env, run_git
 from vllm_patches.errors import PatchToolError
+from vllm_patches.series import patchfile
 from vllm_patches.series.manifest import (
     MANIFEST,
     OVERLAY_DIR,
     PATCHES_DIR,
     Group,
     Manifest,
+    file_sha256,
     load_manifest,
     sha256_bytes,
 )
@@ -23,33 +23,24 @@ from vllm_patches.sources.releases import read_sdist_file
 def apply_to_bytes(
     path: str, base: bytes | None, patches: list[Path], *, reverse: bool = False
 ) -> list[bytes | None]:
-    """Apply ``patches`` one by one to ``base`` (``None``: no file) with ``git apply``.
+    """Apply ``patches`` one by one to ``base`` (``None``: no file), exactly, without git.
 
-    :param reverse: take each patch off instead (``git apply -R``), in the order given.
+    :param reverse: take each patch off instead, in the order given.
     :returns: the file's bytes after each patch (``None`` where the file is gone).
+    :raises PatchToolError: a patch does not apply exactly.
     """
     results: list[bytes | None] = []
-    with tempfile.TemporaryDirectory(prefix="vllm-patches-") as tmp:
-        tree = Path(tmp) / "tree"
-        target = tree / path
-        target.parent.mkdir(parents=True)
-        if base is not None:
-            target.write_bytes(base)
-        flags = ["-R"] if reverse else []
-        for patch in patches:
-            run_git(
-                ["apply", *flags, "--whitespace=nowarn", str(patch)],
-                tree,
-                env=outside_repo_env(tree),
-            )
-            results.append(target.read_bytes() if target.is_file() else None)
+    data = base
+    for patch in patches:
+        data = patchfile.apply(patch, path, data, reverse=reverse)
+        results.append(data)
     return results
 
 
 def group_results(group: Group) -> tuple[bytes | None, list[bytes | None]]:
     """The group's base bytes (from its base release's sdist) and the bytes after each patch."""
     base = read_sdist_file(group.base_release, group.path)
-    if (sha256_bytes(base) if base is not None else "") != group.base_sha256:
+    if file_sha256(base) != group.base_sha256:
         msg = (
             f"group {group.name}: {group.path} in vLLM {group.base_release} does not have "
             f"the recorded sha256 {group.base_sha256 or '(absent)'}; fix patches/series.toml"
@@ -105,7 +96,7 @@ def dump_manifest(manifest: Manifest) -> str:
     out = [
         "# The patch series: which patches each supported vLLM release gets.",
         "# A group is the chain of patches made against one distinct base of one file;",
-        "# its result hashes are written by `tools/vllm-patches overlay`.",
+        "# its result hashes are written by `vllm-patches overlay` (in a clone).",
         "",
     ]
     for info in manifest.patches.values():

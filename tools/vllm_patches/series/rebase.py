@@ -46,6 +46,8 @@ from vllm_patches.series.manifest import (
 from vllm_patches.series.overlay import dump_manifest, regenerate
 from vllm_patches.sources.releases import cache_root, checkout, parse_version, read_sdist_file
 
+COMMAND = "vllm-patches rebase"
+"""How messages name this workflow (its alias rebase-patches takes the same flags)."""
 STATE_FILE = "vllm-lmcache-mp-rebase.json"
 UPSTREAM_STATUS = re.compile(r"^Upstream-Status: .*$", re.MULTILINE)
 LAST_UPDATE = re.compile(r"^Last-Update: .*$", re.MULTILINE)
@@ -152,7 +154,7 @@ def start(
     if RebaseState.path(work).is_file():
         msg = (
             f"a rebase onto {onto} is already in progress in {work}; finish it with "
-            "tools/rebase-patches --continue, or drop it with --abort"
+            f"{COMMAND} --continue, or drop it with {COMMAND} --abort"
         )
         raise PatchToolError(msg)
     if work.exists():
@@ -191,13 +193,13 @@ def _find_work(workdir: Path | None) -> Path:
     if workdir is not None:
         work = workdir.resolve()
         if not RebaseState.path(work).is_file():
-            msg = f"no rebase is in progress in {work}; start one with --onto VERSION"
+            msg = f"no rebase is in progress in {work}; start one with {COMMAND} --onto VERSION"
             raise PatchToolError(msg)
         return work
     root = cache_root() / "rebase"
     found = sorted(p.parent.parent for p in root.glob(f"*/.git/{STATE_FILE}"))
     if not found:
-        msg = "no rebase is in progress; start one with tools/rebase-patches --onto VERSION"
+        msg = f"no rebase is in progress; start one with {COMMAND} --onto VERSION"
         raise PatchToolError(msg)
     if len(found) > 1:
         msg = f"{len(found)} rebases are in progress ({', '.join(map(str, found))}); pass --workdir"
@@ -228,7 +230,7 @@ def resume(workdir: Path | None = None) -> RebaseResult:
                 msg = f"{work} has uncommitted changes; amend them into their patch's commit first"
                 raise PatchToolError(msg)
             return _finish(work, state)
-        msg = f"{work} has no patch stopped in git am; run tools/rebase-patches --abort"
+        msg = f"{work} has no patch stopped in git am; run {COMMAND} --abort"
         raise PatchToolError(msg)
     unmerged = _unmerged(work)
     if unmerged:
@@ -238,7 +240,7 @@ def resume(workdir: Path | None = None) -> RebaseResult:
     if unstaged:
         msg = (
             f"{', '.join(unstaged)} in {work} have changes not added; git add them "
-            "(or git checkout -- them) and run --continue again"
+            f"(or git checkout -- them) and run {COMMAND} --continue again"
         )
         raise PatchToolError(msg)
     number = _number(state.patches[state.next])
@@ -300,14 +302,14 @@ def _conflict(work: Path, state: RebaseState, output: str) -> ReportedError:
             "",
             f"Resolve the conflict in {work}, then:",
             f"  git -C {work} add {' '.join(files)}",
-            f"  tools/rebase-patches --continue --workdir {work}",
-            f"or drop the rebase: tools/rebase-patches --abort --workdir {work}",
+            f"  {COMMAND} --continue --workdir {work}",
+            f"or drop the rebase: {COMMAND} --abort --workdir {work}",
             "patches/, vllm_overlay/ and patches/series.toml were not changed.",
         ]
     )
     msg = (
         f"patch {_number(patch)} conflicts with vLLM {state.onto} in {', '.join(files)}; "
-        f"resolve it in {work} and run tools/rebase-patches --continue"
+        f"resolve it in {work} and run {COMMAND} --continue"
     )
     return ReportedError(msg, report)
 
@@ -370,13 +372,13 @@ def _lint(work: Path, state: RebaseState) -> None:
                 "",
                 f"Fix each file in {work} in the commit of the patch that introduced the code",
                 f"(git -C {work} rebase -i {tag}, mark it edit, amend), then:",
-                f"  tools/rebase-patches --continue --workdir {work}",
+                f"  {COMMAND} --continue --workdir {work}",
                 "patches/, vllm_overlay/ and patches/series.toml were not changed.",
             ]
         )
         msg = (
             f"the series carried onto vLLM {state.onto} fails that release's ruff hooks; "
-            f"fix it in {work} and run tools/rebase-patches --continue"
+            f"fix it in {work} and run {COMMAND} --continue"
         )
         raise ReportedError(msg, report)
 
@@ -386,7 +388,7 @@ def _commits_by_path(
 ) -> dict[str, list[tuple[str, str]]]:
     """The replayed (patch, commit) pairs of each file, in order; one file per patch."""
     if len(commits) != len(carried):
-        msg = f"{work} has {len(commits)} commits for {len(carried)} patches; run --abort"
+        msg = f"{work} has {len(commits)} commits for {len(carried)} patches; run {COMMAND} --abort"
         raise PatchToolError(msg)
     by_path: dict[str, list[tuple[str, str]]] = {}
     for commit, patch in zip(commits, carried, strict=True):
@@ -417,7 +419,7 @@ def _group_for(
     if (sha256_bytes(released) if released is not None else "") != base_sha:
         msg = (
             f"{old.path} in {work} at v{state.onto} differs from vLLM {state.onto}'s sdist; "
-            "a series is recorded against released files: --abort, and rebase onto "
+            f"a series is recorded against released files: run {COMMAND} --abort, and rebase onto "
             "the release itself"
         )
         raise PatchToolError(msg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -43,14 +42,14 @@ def cache_root() -> Path:
 def release_arg(text: str) -> str:
     """A release number as given on the command line: ``v0.21.0`` and `` 0.21.0 `` mean 0.21.0.
 
-    :raises argparse.ArgumentTypeError: not a release number (argparse says it in one line).
+    :raises PatchToolError: not a release number.
     """
     cleaned = text.strip().removeprefix("v").removeprefix("V")
     try:
         Version(cleaned)
     except InvalidVersion:
         msg = f"{text!r} is not a release number; give one like 0.21.0"
-        raise argparse.ArgumentTypeError(msg) from None
+        raise PatchToolError(msg) from None
     return cleaned
 
 

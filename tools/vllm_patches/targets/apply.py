@@ -96,14 +96,21 @@ def _status(place: Place, release: Release) -> Status:
     return result
 
 
-def _refuse_modified(st: Status, force: bool) -> None:
+def _refuse_modified(place: Place, st: Status, *, revert: bool, force: bool) -> None:
     bad = [p for p, s in st.files.items() if s not in ("unpatched", "patched")]
-    if bad and not force:
-        msg = (
-            f"{st.target.root / bad[0]} matches neither vLLM {st.target.version}'s original nor "
-            "the patched file (local changes?); restore it, or pass --force to try anyway"
-        )
-        raise PatchToolError(msg)
+    forceable = place.force_goes_on(revert=revert)
+    if not bad or (force and forceable):
+        return
+    advice = (
+        "restore it, or pass --force to try anyway"
+        if forceable
+        else "restore it (the series replaces whole files here, so --force cannot help)"
+    )
+    msg = (
+        f"{st.target.root / bad[0]} matches neither vLLM {st.target.version}'s original nor "
+        f"the patched file (local changes?); {advice}"
+    )
+    raise PatchToolError(msg)
 
 
 def recover(target: Target) -> str:
@@ -148,7 +155,7 @@ def _change(place: Place, st: Status, *, revert: bool, check: bool, force: bool)
     )
     if st.overall == done:
         return Outcome(False, f"{what} {nothing}")
-    _refuse_modified(st, force)
+    _refuse_modified(place, st, revert=revert, force=force)
     if check:
         (place.preflight_revert if revert else place.preflight_apply)(st.release)
         return Outcome(False, f"the series {ready} {what}")

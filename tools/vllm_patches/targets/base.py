@@ -37,6 +37,12 @@ class Place(ABC):
         """The groups of ``release`` this kind of target carries."""
         return list(release.groups)
 
+    def force_goes_on(self, *, revert: bool) -> bool:
+        """Whether ``--force`` lets the operation go on over a file that is neither vLLM's
+        original nor the patched one. Not where the series replaces whole files: the local
+        change would be lost."""
+        return False
+
     def read(self, path: str) -> bytes | None:
         file = self.root / path
         return file.read_bytes() if file.is_file() else None

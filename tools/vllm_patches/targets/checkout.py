@@ -39,6 +39,9 @@ def _am_in_progress(root: Path) -> bool:
 class GitCheckout(Place):
     """Apply makes branch ``vllm-lmcache-mp/vX`` from where the user is; revert goes back."""
 
+    def force_goes_on(self, *, revert: bool) -> bool:
+        return True  # git am -3 merges the series with the local change, on a branch
+
     def _origin(self, branch: str) -> str:
         return run_git(["config", f"branch.{branch}.{BASE_KEY}"], self.root, check=False).strip()
 
@@ -96,7 +99,8 @@ class GitCheckout(Place):
         origin = self._origin(branch)
         if not origin:
             msg = (
-                f"branch {branch} was not made by apply-patches; switch back and delete it by hand"
+                f"branch {branch} was not made by vllm-patches apply; switch back and delete it "
+                "by hand"
             )
             raise PatchToolError(msg)
         return origin
@@ -120,7 +124,7 @@ class GitCheckout(Place):
             return ""
         if check:
             msg = (
-                f"{root} holds an apply-patches run that was interrupted ({made} of "
+                f"{root} holds a vllm-patches apply that was interrupted ({made} of "
                 f"{len(release.patch_files)} patches); run the command without --check to "
                 "take it back"
             )

@@ -1,4 +1,4 @@
-"""File transactions shared by plain trees and installed vLLM: plan, check, journal."""
+"""File transactions shared by plain trees and installed vLLM: plan, check, journal; no git."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from vllm_patches import _journal as journal
 from vllm_patches._journal import JOURNAL_NAME
 from vllm_patches.errors import PatchToolError
-from vllm_patches.series.manifest import PATCHES_DIR, Group, Release
+from vllm_patches.series.manifest import MANIFEST, PATCHES_DIR, Group, Release, file_sha256
 from vllm_patches.series.overlay import apply_to_bytes
 from vllm_patches.targets.base import Place
 from vllm_patches.targets.find import Target
@@ -35,35 +35,64 @@ def check_writable(dirs: set[Path], what: str) -> None:
         Path(probe).unlink()
 
 
-def _transform(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:
+def _series_bytes(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:
     patches = [PATCHES_DIR / p for p in group.patches]
     if reverse:
-        patches.reverse()
-    return apply_to_bytes(group.path, data, patches, reverse=reverse)[-1]
+        return apply_to_bytes(group.path, data, patches[::-1], reverse=True)[-1]
+    if group.installed:
+        return group.overlay_file.read_bytes()
+    return apply_to_bytes(group.path, data, patches)[-1]
+
+
+def _transform(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:
+    """The file with the series on (with ``reverse``: off), from ``data``, the group's base
+    (with ``reverse``: its result); no git is needed.
+
+    The patched bytes are the overlay file the series ships (for vLLM's own files), the rest
+    the series' patches applied here; either way they are checked against the manifest.
+
+    :raises PatchToolError: the copy of the series does not give what the manifest records.
+    """
+    wanted = group.base_sha256 if reverse else group.results[-1]
+    try:
+        new = _series_bytes(group, data, reverse=reverse)
+        good = file_sha256(new) == wanted
+    except (PatchToolError, OSError):
+        new, good = None, False
+    if not good:
+        msg = (
+            f"the series' files of group {group.name} do not give the sha256 that {MANIFEST} "
+            "records (a damaged copy); reinstall vllm-lmcache-mp, or in a clone of it run "
+            "vllm-patches overlay --check"
+        )
+        raise PatchToolError(msg)
+    return new
 
 
 def plan(
     place: Place, release: Release, *, reverse: bool, skip_done: bool = False
 ) -> dict[Path, bytes | None]:
-    """The new bytes of each file of ``release`` on ``place``.
+    """The new bytes of each file of ``release`` on ``place``, each file checked to be exactly
+    vLLM's original (with ``reverse``: exactly the patched file).
 
     With ``skip_done``, a file already as wanted (restored by hand, say) is left out.
     """
     files: dict[Path, bytes | None] = {}
-    done = "unpatched" if reverse else "patched"
+    done, ready = ("unpatched", "patched") if reverse else ("patched", "unpatched")
     for group in place.groups(release):
         data = place.read(group.path)
-        if skip_done and group.state(data)[0] == done:
+        state = group.state(data)[0]
+        if skip_done and state == done:
             continue
-        try:
-            files[place.root / group.path] = _transform(group, data, reverse=reverse)
-        except PatchToolError:
+        path = place.root / group.path
+        if state != ready:
             msg = (
                 f"the series for vLLM {release.version} does not "
-                f"{'come off' if reverse else 'apply to'} {place.root / group.path}; "
-                "nothing was changed"
+                f"{'come off' if reverse else 'apply to'} {path}: it is {state}, not {ready}; "
+                "restore vLLM's original files, nothing was changed"
             )
-            raise PatchToolError(msg) from None
+            raise PatchToolError(msg)
+        files[path] = _transform(group, data, reverse=reverse)
     return files
 
 

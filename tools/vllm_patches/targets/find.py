@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,19 @@ def _git_version(root: Path) -> str | None:
     return _public(tag[1:]) if tag else None
 
 
+def _is_checkout(root: Path) -> bool:
+    """Whether ``root`` is a git checkout; a plain tree needs no git, a checkout does."""
+    if shutil.which("git") is not None:
+        return is_git_worktree(root)
+    if (root / ".git").exists():
+        msg = (
+            f"{root} is a git checkout but git is not installed or not on PATH; install git, "
+            "or patch an unpacked sdist or an installed vLLM instead"
+        )
+        raise PatchToolError(msg)
+    return False
+
+
 def installed_vllm(python: str) -> Target:
     """The vLLM installed in interpreter ``python``."""
     proc = run_subprocess([python, QUERY], what=f"{python} (looking up vllm)")
@@ -99,12 +113,12 @@ def resolve_target(
                 "an unpacked sdist, or --site/--python for an installed vLLM"
             )
             raise PatchToolError(msg)
-        kind: TargetKind = "git" if is_git_worktree(root) else "tree"
+        kind: TargetKind = "git" if _is_checkout(root) else "tree"
         detected = (_git_version(root) if kind == "git" else None) or _pkg_info_version(root)
         if detected is None and version is None:
             msg = (
                 f"cannot tell which vLLM release {path} is (no vX.Y.Z tag, no PKG-INFO); "
-                "pass --version"
+                "pass --vllm-version"
             )
             raise PatchToolError(msg)
         target = Target(kind, root, detected or "")

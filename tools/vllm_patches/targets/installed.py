@@ -30,6 +30,9 @@ class InstalledVllm(Place):
     def backup(self) -> Path:
         return self.dist_info / BACKUP_DIR
 
+    def force_goes_on(self, *, revert: bool) -> bool:
+        return revert  # the backup of what apply found is put back whole
+
     def groups(self, release: Release) -> list[Group]:
         return [g for g in release.groups if g.installed]
 
@@ -38,7 +41,10 @@ class InstalledVllm(Place):
 
     def preflight_apply(self, release: Release) -> dict[Path, bytes | None]:
         if self.backup.exists() and any(p.is_file() for p in self.backup.rglob("*")):
-            msg = f"{self.backup} exists from an earlier apply; run apply-patches --revert first"
+            msg = (
+                f"{self.backup} exists from an earlier apply; take that off first with "
+                "vllm-patches revert --python PY (the python of this vLLM, or --site)"
+            )
             raise PatchToolError(msg)
         files = plan(self, release, reverse=False)
         check_writable({p.parent for p in files} | {self.dist_info}, WRITABLE)
@@ -65,7 +71,7 @@ class InstalledVllm(Place):
         """What reverting writes, once every check has passed."""
         state_file = self.backup / "state.json"
         if not state_file.is_file():
-            msg = f"{self.dist_info} has no backup from apply-patches; nothing to revert"
+            msg = f"{self.dist_info} has no backup from vllm-patches apply; nothing to revert"
             raise PatchToolError(msg)
         state = json.loads(state_file.read_text())
         writes: dict[Path, bytes | None] = {}

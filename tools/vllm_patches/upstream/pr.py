@@ -32,7 +32,6 @@ from vllm_patches.series.hooks import HookResult, run_hooks
 from vllm_patches.series.manifest import REPO_ROOT, load_manifest
 from vllm_patches.sources.releases import checkout
 
-FIRST_WITH_42596 = "0.22.0"
 PR_PATCHES = ("0002", "0003")
 DOWNSTREAM_TRAILERS = re.compile(
     r"^(Upstream-Status|Forwarded|Last-Update|Origin|Applied-Upstream|Bug|Gbp-Pq|"
@@ -204,11 +203,12 @@ def prepare(
     """Make the branch, run vLLM's hooks and tests, and write the series and ``PR.md``."""
     base = base or newest_release()
     manifest = load_manifest()
-    if Version(base) < Version(FIRST_WITH_42596):
+    followed = manifest.patches["0001"]  # the upstream change this PR follows up
+    if Version(base) < Version(followed.first_release):
         msg = (
-            f"vLLM {base} predates vllm-project/vllm#42596 (first in {FIRST_WITH_42596}), so the "
-            f"follow-up cannot go upstream against it; for {base} use the backport series: "
-            f"tools/apply-patches"
+            f"vLLM {base} predates {followed.upstream} (first in {followed.first_release}), so "
+            f"the follow-up cannot go upstream against it; for {base} use the backport series: "
+            "vllm-patches apply (TREE | --site | --python PY)"
         )
         raise PatchToolError(msg)
     release = manifest.release(base)
@@ -314,7 +314,7 @@ def _build(
     title = run_git(["log", "--format=%s", "--reverse", f"{tag}..{branch}"], tree).splitlines()[0]
     pr = PullRequest(title, branch, tree, staging, hooks, report)
     commands = [
-        f"tools/prepare-upstream-pr --base {base}   # this project: branch, hooks, tests",
+        f"vllm-patches upstream-pr --base {base}   # vllm-lmcache-mp: branch, hooks, tests",
         f"pre-commit run --files {' '.join(files)}",
         "HF_HUB_OFFLINE=1 pytest -m cpu_test --import-mode=importlib "
         + " ".join(dict.fromkeys([*tests, TEST_FILE])),
