@@ -14,8 +14,6 @@ import pytest
 from vllm_patches.diagnosis.doctor import live_check
 from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.sources.venvs import lmcache_layer, vllm_env
-from vllm_patches.targets.apply import apply
-from vllm_patches.targets.find import installed_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 MAIN = "lmcache.integration.vllm.lmcache_mp_connector"
@@ -29,23 +27,6 @@ def _by_module(data: dict) -> dict[str, dict]:
 def _servers_running() -> int:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     return sum("lmcache.v1.multiprocess.server --host" in line for line in ps.stdout.splitlines())
-
-
-@pytest.fixture
-def patched():
-    """Apply the series to a cached venv for the test, revert it afterwards."""
-    sites = []
-
-    def _patched(version: str, lmcache: str):
-        python = vllm_env(version, lmcache)
-        site = installed_vllm(str(python))
-        apply(site)
-        sites.append(site)
-        return python
-
-    yield _patched
-    for site in sites:
-        apply(site, revert=True)
 
 
 def test_unpatched_0_21_0_with_lmcache_0_5_3_fails_and_doctor_live_says_so(cli):
@@ -65,7 +46,7 @@ def test_unpatched_0_21_0_with_lmcache_0_5_3_fails_and_doctor_live_says_so(cli):
     code, out, _ = cli("doctor", "--live", "--python", python)
     assert code == 2
     assert "verdict: will fail when the engine starts: constructs scheduler: TypeError" in out
-    assert f"fix: apply the series (tools/apply-patches --python PY): it picks {MAIN}_0201" in out
+    assert f"fix: apply the series (vllm-patches apply --python PY): it picks {MAIN}_0201" in out
 
 
 def test_patched_0_21_0_with_lmcache_0_5_3_picks_0201_which_works(patched):

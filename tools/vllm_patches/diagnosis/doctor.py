@@ -12,7 +12,14 @@ from pathlib import Path
 from packaging.version import Version
 
 from vllm_patches._proc import run_subprocess, stopped_on_signals
-from vllm_patches.diagnosis.live import Layer, build_layers, failed_step, per_layer_results, works
+from vllm_patches.diagnosis.live import (
+    Layer,
+    build_layers,
+    built_text,
+    per_layer_results,
+    worker_reached,
+    works,
+)
 from vllm_patches.diagnosis.matrix import shipped, starts_with
 from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.errors import PatchToolError
@@ -63,9 +70,7 @@ class Diagnosis:
         if data.get("patched"):
             fixes += [f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working]
         elif working:
-            fixes.append(
-                "apply the series (tools/apply-patches --python PY): it picks one of these"
-            )
+            fixes.append("apply the series (vllm-patches apply --python PY): it picks one of these")
             routes = data.get("module_path_route", {})
             fixes += [
                 f"or set kv_connector_module_path={m} in --kv-transfer-config"
@@ -188,7 +193,7 @@ class LiveDiagnosis:
             ]
         elif working:
             fixes = [
-                "apply the series (tools/apply-patches --python PY): it picks "
+                "apply the series (vllm-patches apply --python PY): it picks "
                 + " or ".join(working)
                 + ", which works here"
             ]
@@ -208,20 +213,42 @@ class LiveDiagnosis:
             out.append(f"vLLM's connector module does not import: {data['import_error']}")
         out += [f"warning: {unmet}" for unmet in data.get("vllm_unmet", [])]
         for candidate in data.get("candidates", []):
-            step = failed_step(candidate)
-            what = f"fails at: {step} ({_brief(candidate.get('error', ''))})" if step else "works"
-            out.append(f"  {candidate['module']}: {what}")
+            out.append(f"  {candidate['module']}: {_brief(built_text(candidate))}")
         if "chosen" in data:
             out.append(f"LMCacheMPConnector resolves to {data['chosen']}")
+        chosen = self.chosen
         if self.ok:
-            out.append(f"round trip: {self.chosen.get('round_trip', '')}")
-            out.append(f"not checked on a CPU: {data.get('worker_limit', '')}")
+            out.append(f"scheduler round trip: {chosen.get('round_trip', '')}")
+            out.append(f"worker driven: {worker_reached(chosen)}")
+            out.append(f"geometry ({data.get('geometry_of', '')}): as it must, MLA off and on")
+            out.append(f"store, then lookup: {chosen.get('second_lookup', '')}")
+            out += [f"not run on a CPU: {call}: {why}" for call, why in _not_on_a_cpu(data)]
             out.append("verdict: OK")
         else:
-            error = data.get("import_error") or self.chosen.get("error", "")
-            out.append(f"verdict: will fail when the engine starts: {_brief(error)}")
+            out.append(f"verdict: {_failure(data, chosen)}")
             out += [f"fix: {fix}" for fix in self.fixes()]
         return out
+
+
+def _not_on_a_cpu(data: dict) -> list[tuple[str, str]]:
+    return [
+        (call, why.removeprefix("not run here: "))
+        for call, why in data.get("not_on_a_cpu", {}).items()
+    ]
+
+
+def _failure(data: dict, chosen: dict) -> str:
+    """The live verdict's sentence where the engine would not serve."""
+    if "import_error" in data:
+        return f"will fail when the engine starts: {_brief(data['import_error'])}"
+    what = chosen.get("verdict")
+    if what == "hangs":
+        return f"the engine would hang: {_brief(chosen.get('hangs', ''))}"
+    if what == "wrong geometry":
+        return "a tensor-parallel engine would read and write the wrong KV pieces: " + chosen.get(
+            "geometry_error", ""
+        )
+    return f"will fail when the engine starts: {_brief(chosen.get('error', ''))}"
 
 
 def live_check(python: str | Path, server: str | None = None) -> LiveDiagnosis:

@@ -35,10 +35,12 @@ STEP_NAMES = {
     "imports": "imports",
     "subclass": "subclasses KVConnectorBase_V1",
     "constructs_scheduler": "scheduler constructs",
+    "scheduler_round_trip": "scheduler round trip (hashed)",
     "constructs_worker": "worker constructs",
-    "scheduler_round_trip": "scheduler round trip",
+    "worker_driven": "worker driven",
+    "geometry": "geometry (TP 2)",
 }
-"""Each measured step, as the reports name it."""
+"""Each measured step, in order, as the reports name it (``probes/connector_build.STEPS``)."""
 
 
 def model_dir() -> Path:
@@ -61,24 +63,58 @@ class Layer:
 
 
 def works(candidate: dict) -> bool | None:
-    """Whether a candidate built for real (both roles, scheduler round trip); None if not built."""
+    """Whether a candidate built for real did all a serving engine asks on a CPU (both roles,
+    the hashed round trip, the worker driven, the TP 2 geometry); None if not built."""
     if "constructs_scheduler" not in candidate:
         return None if candidate.get("subclass") else False
-    return bool(candidate.get("scheduler_round_trip"))
+    return candidate.get("verdict") == "works"
 
 
 def failed_step(candidate: dict) -> str:
     """The first step a candidate failed, as the reports name it; '' when it worked."""
     for key, name in STEP_NAMES.items():
-        if key in candidate and not candidate[key]:
+        if key in candidate and candidate[key] is False:
             return name
     return ""
 
 
+def built_text(candidate: dict) -> str:
+    """What a real build of one candidate did, in words: ``works``, ``hangs (...)``,
+    ``wrong geometry (...)`` or ``fails at: STEP (...)``."""
+    verdict = candidate.get("verdict")
+    if verdict == "works":
+        return "works"
+    if verdict == "hangs":
+        return f"hangs ({candidate.get('hangs', '')})"
+    if verdict == "wrong geometry":
+        return f"wrong geometry ({candidate.get('geometry_error', '')})"
+    step = failed_step(candidate)
+    if not step and verdict == "fails":
+        return f"fails ({candidate.get('error', '')})"
+    if not step:
+        return "imports (not built: no server)"
+    geometry = candidate.get("geometry_error")
+    also = f"; and the wrong geometry: {geometry}" if geometry else ""
+    return f"fails at: {step} ({candidate.get('error', '')}{also})"
+
+
+def worker_reached(candidate: dict) -> str:
+    """How far the worker's calls went, in words: ``ran`` or where each stopped and why."""
+    calls = candidate.get("worker", {})
+    return "; ".join(f"{call} {state}" for call, state in calls.items())
+
+
 def build_layers(
-    python: str | Path, layers: list[Layer], env: dict[str, str] | None = None
+    python: str | Path,
+    layers: list[Layer],
+    env: dict[str, str] | None = None,
+    *,
+    geometry_only: bool = False,
 ) -> list[dict]:
     """Run the build probe in ``python`` for each layer, vLLM imported once for all.
+
+    :param geometry_only: measure only what each candidate's worker of rank 1 in TP 2 hands
+        lmcache (no server needed; ``geometry_detail`` per candidate).
 
     :returns: per layer, what the probe measured (``connector_build.diagnose``), or
         ``{"import_error": "the probe failed: ..."}`` when its process died.
@@ -89,6 +125,7 @@ def build_layers(
             json.dumps(
                 {
                     "model_dir": str(model_dir()),
+                    "geometry_only": geometry_only,
                     "layers": [
                         {"path": str(la.path) if la.path else None, "server": la.server}
                         for la in layers

@@ -3,7 +3,6 @@ unpatched and patched. One venv per vLLM release; each lmcache release is laid o
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -19,7 +18,14 @@ from packaging.version import Version
 
 from vllm_patches._git import run_git
 from vllm_patches._proc import stopped_on_signals
-from vllm_patches.diagnosis.live import Layer, build_layers, failed_step, works
+from vllm_patches.diagnosis.live import (
+    STEP_NAMES,
+    Layer,
+    build_layers,
+    built_text,
+    worker_reached,
+    works,
+)
 from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.errors import PatchToolError
 from vllm_patches.series.manifest import REPO_ROOT, load_manifest
@@ -29,6 +35,9 @@ from vllm_patches.targets.apply import apply, recover, status
 from vllm_patches.targets.find import installed_vllm
 
 Cell = dict[str, object]
+BAD_VERDICTS = ("hangs", "wrong geometry")
+"""Verdicts of a class that constructs yet would not serve: the engine hangs on a request,
+or a tensor-parallel worker reads and writes the wrong KV pieces."""
 _LABELS = ("unpatched", "patched")
 FIRST_LMCACHE = "0.3.9.post2"
 """The oldest lmcache release the table covers (the one vLLM 0.12.0 imports with)."""
@@ -102,11 +111,8 @@ def axes(vllm: list[str], lmcache: list[str]) -> tuple[list[str], list[str]]:
         vllm = sorted(manifest.releases, key=Version)
     if lmcache == ["all"]:
         lmcache = final_releases("lmcache", FIRST_LMCACHE)
-    try:
-        vllm = [release_arg(v) for v in vllm]
-        lmcache = [release_arg(lm) for lm in lmcache]
-    except argparse.ArgumentTypeError as exc:
-        raise PatchToolError(str(exc)) from None
+    vllm = [release_arg(v) for v in vllm]
+    lmcache = [release_arg(lm) for lm in lmcache]
     for version in vllm:
         manifest.release(version)
     return vllm, lmcache
@@ -158,32 +164,39 @@ def _short(module: str) -> str:
     )
 
 
-def _state(candidate: dict) -> str:
-    """What was measured of one candidate, in words."""
-    step = failed_step(candidate)
-    error = f": {candidate.get('error', '')[:200]}" if step else ""
-    if step:
-        return f"{step}: no{error}"
-    if works(candidate):
-        return "works"
-    return "imports (not built: no server)"
-
-
 def _summary(data: dict) -> Cell:
     """One cell side: the class chosen and what a real build of every candidate did."""
     chosen = data.get("chosen_build", {})
     candidates = {}
     for candidate in data.get("candidates", []):
         key = "builtin" if candidate.get("builtin") else _short(candidate["module"])
-        candidates[key] = _state(candidate)
+        candidates[key] = built_text(candidate)[:300]
     error = data.get("import_error") or (chosen.get("error", "") if chosen else "")
     return {
         "chosen": data.get("chosen", ""),
         "works": works(chosen) if chosen else (None if "chosen" in data else False),
+        "verdict": chosen.get("verdict", ""),
+        "steps": _steps(chosen),
         "error": error[:300],
         "candidates": candidates,
         "reason": data.get("resolution", {}).get("reason", "")[:300],
     }
+
+
+def _steps(chosen: dict) -> dict[str, object]:
+    """The chosen class's columns: each step's outcome, the hash count, how far the worker went."""
+    found: dict[str, object] = {
+        name: chosen[key] for key, name in STEP_NAMES.items() if key in chosen
+    }
+    if "block_hashes" in chosen:
+        found["block hashes"] = chosen["block_hashes"]
+    if "worker" in chosen:
+        found["worker reached"] = worker_reached(chosen)
+    if chosen.get("geometry_error"):
+        found["geometry error"] = chosen["geometry_error"]
+    if "second_lookup" in chosen:
+        found["store, then lookup"] = chosen["second_lookup"]
+    return found
 
 
 def measured(vllm_versions: list[str], lmcache_versions: list[str]) -> dict:
@@ -366,7 +379,9 @@ def verdict(cell: Cell, label: str) -> str:
         return "works"
     if info["works"] is None:
         return "not built"
-    return "clear error" if clear_error(info) else "fails"
+    if clear_error(info):
+        return "clear error"
+    return str(info.get("verdict")) if info.get("verdict") in BAD_VERDICTS else "fails"
 
 
 def _cell_text(cell: Cell, label: str) -> str:
@@ -374,7 +389,7 @@ def _cell_text(cell: Cell, label: str) -> str:
         return f"install failed: {cell['install_error'][:80]}"
     info = cell[label]
     what = verdict(cell, label)
-    text = f"{what.upper() if what == 'fails' else what}: {_connector(info)}"
+    text = f"{what.upper() if what in ('fails', *BAD_VERDICTS) else what}: {_connector(info)}"
     if what == "fails" and info["chosen"]:
         text += f" ({info['error'].split(':', 1)[0]})"
     return text
@@ -401,15 +416,39 @@ def starts_with(result: dict, version: str, label: str) -> str:
     return ", ".join(text) or "none"
 
 
+def serving_steps(result: dict, version: str) -> bool:
+    """Whether vLLM ``version``'s row was measured with the serving-engine steps (hashed
+    requests, the worker driven, the TP 2 geometry, bounded steps); rows of earlier runs
+    were measured by construction and an unhashed lookup only."""
+    return any(
+        "verdict" in cell.get("patched", {})
+        for key, cell in result["cells"].items()
+        if key.startswith(f"{version}|")
+    )
+
+
+EARLIER_PROBE = (
+    "\\* measured by the earlier probe (both roles constructed, one lookup without block "
+    "hashes; the worker not driven, the geometry not checked): re-measure with "
+    "`vllm-patches matrix --vllm VERSION --lmcache all`"
+)
+
+
 def summary(result: dict) -> str:
-    """Per vLLM release, the lmcache releases that work and through which connector."""
+    """Per vLLM release, the lmcache releases that work and through which connector; rows
+    measured by the earlier probe are marked ``*`` and explained below the table."""
     lines = [
         "| vLLM | works unpatched with lmcache | works patched with lmcache |",
         "|---|---|---|",
     ]
+    earlier = False
     for version in _axes(result)[0]:
         unpatched, patched = (starts_with(result, version, label) for label in _LABELS)
-        lines.append(f"| {version} | {unpatched} | {patched} |")
+        mark = "" if serving_steps(result, version) else " \\*"
+        earlier = earlier or bool(mark)
+        lines.append(f"| {version}{mark} | {unpatched} | {patched} |")
+    if earlier:
+        lines += ["", EARLIER_PROBE]
     return "\n".join(lines) + "\n"
 
 
@@ -420,6 +459,8 @@ def counts(result: dict) -> dict[str, int]:
         "patched works": 0,
         "only patched works": 0,
         "nothing works": 0,
+        "patched hangs": 0,
+        "patched wrong geometry": 0,
         "not built": 0,
         "does not import": 0,
     }
@@ -434,6 +475,8 @@ def counts(result: dict) -> dict[str, int]:
         found["does not import"] += patched == "does not import"
         found["patched works"] += patched == "works"
         found["only patched works"] += patched == "works" and unpatched != "works"
+        found["patched hangs"] += patched == "hangs"
+        found["patched wrong geometry"] += patched == "wrong geometry"
         found["nothing works"] += not any_works(cell)
     return found
 
@@ -516,13 +559,23 @@ def write(result: dict, out: Path) -> None:
 
 
 LEGEND = """Each cell: the class `LMCacheMPConnector` resolves to, unpatched and patched, and what
-building it for real against that lmcache release's own server did. *works*: the scheduler
-and the worker constructed and one request went through the scheduler's lifecycle
-(lookup, allocation, metadata, finish) with the server; *clear error*: the series' stand-in
-stopped at connector creation with its one error, because no candidate works; *FAILS*: the
-engine would die at connector creation (the first error is named); *not built*: no server of
-that lmcache release runs here. Not measured (no GPU): the worker's KV cache registration and
-the KV transfer itself.
+building it for real against that lmcache release's own server did, step by step as a serving
+engine asks: the scheduler constructs; its round trip (a request carrying real block hashes
+from vLLM's own hasher: lookup, allocation, metadata, finish); the worker constructs; the
+worker driven with the scheduler's metadata (`bind_connector_metadata`, `start_load_kv`,
+`wait_for_save`, `get_finished`, `clear_connector_metadata`, `shutdown`; a call that stops at
+the accelerator or at the missing KV cache registration is "not run here", with why); and the
+geometry (what a worker of rank 1 in tensor-parallel size 2 hands lmcache, MLA off and on,
+against what it must). Every step runs under a 30 s bound.
+
+*works*: every step did; *HANGS*: a step did not return within its bound (the frame it blocked
+in is named); *WRONG GEOMETRY*: a tensor-parallel worker would read and write the wrong KV
+pieces; *clear error*: the series' stand-in stopped at connector creation with its one error,
+because no candidate works; *FAILS*: the engine would die (the first error is named); *not
+built*: no server of that lmcache release runs here. Not measured (no GPU): registering the KV
+caches, the KV transfer itself, GPU KV formats, a cache hit returning the same tokens; on a
+CPU the server learns no prefix (the store is submitted from `wait_for_save`, which needs the
+registered KV caches), so a second lookup of the same prompt matches 0 tokens.
 
 """
 
@@ -574,6 +627,7 @@ def pairs(result: dict, version: str) -> dict:
         "works_unpatched": starts_with(result, release, "unpatched"),
         "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
         "measured": result.get("measured", {}),
+        "serving_steps": serving_steps(result, release),
     }
 
 
@@ -601,6 +655,12 @@ def pairs_lines(answer: dict) -> list[str]:
         lines.append(
             "not built here (no server of that lmcache release runs on a CPU): "
             + ", ".join(answer["not_built"])
+        )
+    if not answer.get("serving_steps", True):
+        lines.append(
+            f"measured by the earlier probe (construction and an unhashed lookup): check with "
+            f"vllm-patches doctor --live before deploying, or re-measure with "
+            f"vllm-patches matrix --vllm {answer['vllm']} --lmcache all"
         )
     stamp = answer["measured"]
     if stamp:

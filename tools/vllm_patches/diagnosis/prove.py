@@ -38,7 +38,7 @@ def prove(version: str, lmcache: str | None = None) -> Iterator[str]:
     try:
         state = status(site).overall
         if state != "patched":
-            msg = f"the installed vLLM {version} is {state} after apply-patches"
+            msg = f"the installed vLLM {version} is {state} after vllm-patches apply"
             raise PatchToolError(msg)
         yield f"status: {state}"
         for env in ({}, {"LMCACHE_USE_UPSTREAM_MP": "1"}):

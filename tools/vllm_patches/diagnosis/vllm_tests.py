@@ -217,7 +217,7 @@ def _installed(site: Target, files: dict[str, bytes | None]) -> Iterator[None]:
     """Lay ``files`` over the installed vLLM for the duration, then put the originals back.
 
     Written under the target's journal: a run killed in between is rolled back by the next
-    command on that install (this one, apply-patches, matrix), so the cached venv heals.
+    command on that install (this one, vllm-patches apply, matrix), so the cached venv heals.
     """
     root = site.root
     writes = {root / p: d for p, d in files.items()}

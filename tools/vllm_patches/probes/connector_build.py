@@ -4,13 +4,16 @@ Run by path with that interpreter (it imports only the standard library, vLLM an
 
     PY connector_build.py SPEC.json
 
-``SPEC.json`` holds ``layers`` (a list of ``{"path": DIR | null, "server": URL | null}``) and
-``model_dir`` (a directory holding a model's ``config.json``). vLLM is imported once; a child
-is forked per layer, which puts the layer first on ``sys.path`` (an lmcache release installed
-alone), imports lmcache from it and prints one ``BUILD {json}`` line: versions, every
-candidate's steps (imports, subclass, each role constructed against the server, the
-scheduler's request lifecycle) and the class ``LMCacheMPConnector`` resolves to. Without a
-server, only imports and subclass are measured. The parent prints ``LAYER i exit code N``.
+``SPEC.json`` holds ``layers`` (a list of ``{"path": DIR | null, "server": URL | null}``),
+``model_dir`` (a directory holding a model's ``config.json``) and ``geometry_only``. vLLM is
+imported once; a child is forked per layer, which puts the layer first on ``sys.path`` (an
+lmcache release installed alone), imports lmcache from it and prints one ``BUILD {json}``
+line: versions, the class ``LMCacheMPConnector`` resolves to, and every candidate's steps as
+a serving engine takes them (``serving.STEPS``): both roles constructed against
+the server, a request with real block hashes through the scheduler, the worker driven with
+the scheduler's metadata, and the TP 2 geometry; each step bounded, a hang is a verdict.
+Without a server, only imports and subclass are measured (``geometry_only``: and the
+geometry). The parent prints ``LAYER i exit code N``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Run by path, this file's directory is first on sys.path: its sibling imports as a module.
+from serving import (
+    NOT_ON_A_CPU,
+    RANK,
+    TP_SIZE,
+    WATCHDOG,
+    Hang,
+    block_hasher,
+    bounded,
+    drive_worker,
+    geometry,
+    hashed_request,
+    takes_kv_cache_config,
+    verdict,
+)
+
 VLLM_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
 PACKAGE = "lmcache.integration.vllm"
 SHARED = (
@@ -43,12 +62,6 @@ SHARED = (
 BLOCK_SIZE = 16
 PROMPT_TOKENS = 512
 LOOKUP_SECONDS = 20.0
-STEPS = ("constructs_scheduler", "constructs_worker", "scheduler_round_trip")
-"""What a real build measures: each role constructed, the scheduler's request lifecycle."""
-WORKER_LIMIT = (
-    "register_kv_caches and the KV transfer need the accelerator's KV cache (GPU memory "
-    "shared with the server), which a CPU does not have: the worker is built, not driven"
-)
 
 
 def version(name: str) -> str | None:
@@ -160,30 +173,9 @@ def kv_cache_config(config: Any) -> Any:
 
 def construct(cls: type, config: Any, role: Any, kv_config: Any) -> Any:
     """Construct ``cls`` for ``role`` as vLLM's connector factory does."""
-    params = inspect.signature(cls.__init__).parameters
-    if "kv_cache_config" in params:
+    if takes_kv_cache_config(cls):
         return cls(config, role, kv_config)
     return cls(config, role)
-
-
-def request(request_id: str) -> Any:
-    """A real vLLM Request of ``PROMPT_TOKENS`` prompt tokens."""
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request
-
-    return fill(
-        Request,
-        {
-            "request_id": request_id,
-            "prompt_token_ids": list(range(1, PROMPT_TOKENS + 1)),
-            "sampling_params": SamplingParams(max_tokens=1),
-            "pooling_params": None,
-            "eos_token_id": None,
-            "arrival_time": time.time(),
-            "client_index": 0,
-            "priority": 0,
-        },
-    )
 
 
 def scheduler_output(req: Any, block_ids: list[int]) -> Any:
@@ -212,48 +204,182 @@ def scheduler_output(req: Any, block_ids: list[int]) -> Any:
     return fill(SchedulerOutput, empty)
 
 
-def round_trip(connector: Any, request_id: str) -> str:
-    """One request through the scheduler side: lookup, allocation, metadata, finish."""
+def lookup(connector: Any, req: Any) -> tuple[int, bool]:
+    """The scheduler's lookup, polled while the connector answers "not ready yet"."""
+    deadline = time.monotonic() + LOOKUP_SECONDS
+    with bounded("scheduler get_num_new_matched_tokens"):
+        matched, load_async = connector.get_num_new_matched_tokens(req, 0)
+        while matched is None:
+            if time.monotonic() > deadline:
+                msg = (
+                    "scheduler get_num_new_matched_tokens answered 'not ready' for "
+                    f"{LOOKUP_SECONDS:.0f} s"
+                )
+                raise Hang(msg)
+            time.sleep(0.05)
+            matched, load_async = connector.get_num_new_matched_tokens(req, 0)
+    return matched, load_async
+
+
+def schedule(connector: Any, req: Any) -> tuple[Any, list[int], str]:
+    """The scheduler's side of one engine step for ``req``: lookup, allocation, metadata."""
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
-    req = request(request_id)
-    deadline = time.monotonic() + LOOKUP_SECONDS
-    matched, load_async = connector.get_num_new_matched_tokens(req, 0)
-    while matched is None:
-        if time.monotonic() > deadline:
-            msg = f"the lookup got no answer from the server in {LOOKUP_SECONDS:.0f} s"
-            raise TimeoutError(msg)
-        time.sleep(0.05)
-        matched, load_async = connector.get_num_new_matched_tokens(req, 0)
+    matched, load_async = lookup(connector, req)
     block_ids = list(range(PROMPT_TOKENS // BLOCK_SIZE))
     blocks = KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in block_ids],))
-    connector.update_state_after_alloc(req, blocks, matched)
-    meta = connector.build_connector_meta(scheduler_output(req, block_ids))
-    connector.request_finished(req, block_ids)
-    return f"lookup matched {matched} tokens (async {load_async}); metadata {type(meta).__name__}"
+    with bounded("scheduler update_state_after_alloc"):
+        connector.update_state_after_alloc(req, blocks, matched)
+    with bounded("scheduler build_connector_meta"):
+        meta = connector.build_connector_meta(scheduler_output(req, block_ids))
+    text = (
+        f"lookup with {len(req.block_hashes)} block hashes matched {matched} tokens "
+        f"(async {load_async}); metadata {type(meta).__name__}"
+    )
+    return meta, block_ids, text
 
 
-def build(cls: type, config: Any, kv_config: Any, request_id: str) -> dict[str, Any]:
-    """Each step of a real build of ``cls``; the first error stops the remaining steps."""
+class Build:
+    """One candidate built as a serving engine uses it; each step recorded in ``info``."""
+
+    def __init__(self, cls: type, config: Any, kv_config: Any, info: dict[str, Any]) -> None:
+        self.cls, self.config, self.kv_config, self.info = cls, config, kv_config, info
+
+    def step(self, name: str, body: Callable[[], Any]) -> Any:
+        """``body()`` as step ``name``; a failure or hang is recorded (the first is the error)."""
+        try:
+            with bounded(name.replace("_", " ")):
+                value = body()
+        except Hang as hang:
+            self.failed(name, f"hangs: {hang}", hangs=True)
+        except Exception as exc:
+            self.failed(name, error_text(exc))
+        else:
+            self.info.setdefault(name, True)
+            return value
+        return None
+
+    def failed(self, name: str, text: str, *, hangs: bool = False) -> None:
+        self.info[name] = False
+        if hangs:
+            self.info.setdefault("hangs", f"{name.replace('_', ' ')}: {text}")
+        self.info.setdefault("error", f"{name.replace('_', ' ')}: {text}")
+
+    def role(self, name: str) -> Any:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+        return construct(self.cls, self.config, getattr(KVConnectorRole, name), self.kv_config)
+
+    def run(self, request_id: str) -> None:
+        """Scheduler, worker, the request's lifecycle between them, shutdown, geometry."""
+        info = self.info
+        hasher = block_hasher(self.config)
+        prompt = list(range(1, PROMPT_TOKENS + 1))
+        req = hashed_request(request_id, prompt, hasher, fill)
+        info["block_hashes"] = len(req.block_hashes)
+        scheduler = self.step("constructs_scheduler", lambda: self.role("SCHEDULER"))
+        scheduled = None
+        if scheduler is not None:
+            scheduled = self.step("scheduler_round_trip", lambda: schedule(scheduler, req))
+        worker = self.step("constructs_worker", lambda: self.role("WORKER"))
+        if worker is not None and scheduled is not None:
+            self.drive(worker, scheduled[0])
+        elif worker is not None:
+            info["worker_driven"] = False
+            info["worker"] = {"bind_connector_metadata": "not run: the scheduler built no metadata"}
+        if scheduled is not None and info.get("scheduler_round_trip"):
+            self.finish(scheduler, req, scheduled, prompt, hasher, request_id)
+        for name, connector in (("worker", worker), ("scheduler", scheduler)):
+            if connector is not None and "hangs" not in info:
+                self.shutdown(name, connector)
+        info["geometry_detail"] = geometry(
+            lambda cfg: construct_worker(self.cls, cfg, self.kv_config), self.config
+        )
+        ok = info["geometry_detail"]["ok"]
+        info["geometry"] = ok
+        if ok is False:
+            info["geometry_error"] = geometry_error(info["geometry_detail"])
+        elif ok is None:
+            info.setdefault("error", "geometry: " + geometry_error(info["geometry_detail"]))
+
+    def drive(self, worker: Any, metadata: Any) -> None:
+        """The worker's calls of the engine step that scheduled the request."""
+        try:
+            done = drive_worker(worker, metadata, fill)
+        except Hang as hang:
+            self.failed("worker_driven", f"hangs: {hang}", hangs=True)
+            return
+        self.info["worker"] = done
+        failed = [f"{call}: {state}" for call, state in done.items() if state.startswith("failed")]
+        if failed:
+            self.failed("worker_driven", failed[0].replace("failed: ", ""))
+        else:
+            self.info["worker_driven"] = True
+
+    def finish(
+        self, scheduler: Any, req: Any, scheduled: Any, prompt: list[int], hasher: Any, rid: str
+    ) -> None:
+        """The request finishes; a second request with the same prompt is looked up."""
+        _, block_ids, text = scheduled
+        self.step("scheduler_round_trip", lambda: scheduler.request_finished(req, block_ids))
+        if not self.info.get("scheduler_round_trip"):
+            return
+        self.info["round_trip"] = text
+        again = hashed_request(f"{rid}-again", prompt, hasher, fill)
+        try:
+            matched, _ = lookup(scheduler, again)
+        except Hang as hang:
+            self.info["second_lookup"] = f"hangs: {hang}"
+        except Exception as exc:
+            self.info["second_lookup"] = f"failed: {error_text(exc)}"
+        else:
+            self.info["second_lookup"] = (
+                f"the same {PROMPT_TOKENS}-token prompt again matched {matched} tokens"
+            )
+
+    def shutdown(self, name: str, connector: Any) -> None:
+        if not callable(getattr(connector, "shutdown", None)):
+            return
+        try:
+            with bounded(f"{name} shutdown"):
+                connector.shutdown()
+        except Hang as hang:
+            self.failed("worker_driven", f"hangs: {hang}", hangs=True)
+        except Exception as exc:
+            self.info.setdefault("worker", {})[f"{name} shutdown"] = f"failed: {error_text(exc)}"
+            self.failed("worker_driven", f"{name} shutdown: {error_text(exc)}")
+        else:
+            self.info.setdefault("worker", {})[f"{name} shutdown"] = "ran"
+
+
+def construct_worker(cls: type, config: Any, kv_config: Any) -> Any:
+    """The WORKER role of ``cls`` built from ``config``."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    steps: dict[str, Any] = {}
-    scheduler = None
-    try:
-        scheduler = construct(cls, config, KVConnectorRole.SCHEDULER, kv_config)
-        steps["constructs_scheduler"] = True
-        worker = construct(cls, config, KVConnectorRole.WORKER, kv_config)
-        steps["constructs_worker"] = True
-        steps["round_trip"] = round_trip(scheduler, request_id)
-        steps["scheduler_round_trip"] = True
-        for connector in (worker, scheduler):
-            getattr(connector, "shutdown", lambda: None)()
-    except Exception as exc:
-        step = next(s for s in STEPS if s not in steps)
-        steps[step] = False
-        steps["error"] = f"{step.replace('_', ' ')}: {error_text(exc)}"
-    return steps
+    return construct(cls, config, KVConnectorRole.WORKER, kv_config)
+
+
+def geometry_error(detail: dict[str, Any]) -> str:
+    """The first mismatch of a geometry check, in words; else why nothing was handed over."""
+    for key, got in detail.items():
+        if isinstance(got, dict) and got.get("ok") is False:
+            return (
+                f"rank {RANK} of TP {TP_SIZE}, {key}: sent {got['sent']}, "
+                f"expected {got['expected']}"
+            )
+    for key, got in detail.items():
+        if isinstance(got, dict) and "error" in got:
+            return f"rank {RANK} of TP {TP_SIZE}, {key}: not measured: {got['error']}"
+    return ""
+
+
+def build(cls: type, config: Any, kv_config: Any, request_id: str, info: dict[str, Any]) -> None:
+    """Every step of a real build of ``cls`` into ``info``, then its ``verdict``."""
+    started = time.monotonic()
+    Build(cls, config, kv_config, info).run(request_id)
+    info["verdict"] = verdict(info)
+    info["seconds"] = round(time.monotonic() - started, 1)
 
 
 def candidate(module_name: str, class_name: str, base: type) -> tuple[dict[str, Any], Any]:
@@ -273,8 +399,13 @@ def candidate(module_name: str, class_name: str, base: type) -> tuple[dict[str, 
     return info, cls
 
 
-def diagnose(server: str | None, model_dir: str) -> dict[str, Any]:
-    """Everything one layer's lmcache gives with this vLLM; built for real when ``server``."""
+NO_SERVER = "tcp://127.0.0.1:1"
+"""Where a geometry-only run points the connector: the geometry build stops before connecting."""
+
+
+def diagnose(server: str | None, model_dir: str, *, geometry_only: bool = False) -> dict[str, Any]:
+    """Everything one layer's lmcache gives with this vLLM; built for real when ``server``,
+    only the geometry of each candidate when ``geometry_only`` (no server needed)."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
     out: dict[str, Any] = {"vllm": version("vllm"), "lmcache": version("lmcache")}
@@ -297,14 +428,30 @@ def diagnose(server: str | None, model_dir: str) -> dict[str, Any]:
         out["resolution"] = dict(getattr(vllm_module, "LMCACHE_MP_CONNECTOR_RESOLUTION", {}))
         found.append(({"module": out["chosen"], "chosen": True}, chosen))
     out["candidates"] = [info for info, _ in found if not info.get("chosen")]
+    if geometry_only:
+        config = vllm_config(model_dir, NO_SERVER)
+        kv_config = kv_cache_config(config)
+        for info, cls in found:
+            if cls is not None:
+                info["geometry_detail"] = geometry(
+                    lambda cfg, cls=cls: construct_worker(cls, cfg, kv_config), config
+                )
+        return out
     if server is None:
         return out
     config = vllm_config(model_dir, server)
     kv_config = kv_cache_config(config)
-    out["worker_limit"] = WORKER_LIMIT
+    out["not_on_a_cpu"] = NOT_ON_A_CPU
+    out["geometry_of"] = f"rank {RANK} of tensor-parallel size {TP_SIZE}"
+    built: dict[type, dict[str, Any]] = {}
     for index, (info, cls) in enumerate(found):
-        if cls is not None:
-            info.update(build(cls, config, kv_config, f"probe-{os.getpid()}-{index}"))
+        if cls in built:  # the chosen class is one of the candidates: built once
+            info.update({k: v for k, v in built[cls].items() if k not in ("module", "builtin")})
+        elif cls is not None:
+            WATCHDOG.partial = ("BUILD", out, info)
+            build(cls, config, kv_config, f"probe-{os.getpid()}-{index}", info)
+            built[cls] = info
+    WATCHDOG.partial = None
     out["chosen_build"] = found[-1][0] if "chosen" in out else {}
     return out
 
@@ -349,7 +496,9 @@ def main(spec_path: str) -> None:
     per_layer(
         "BUILD",
         [layer["path"] for layer in layers],
-        lambda i: diagnose(layers[i]["server"], spec["model_dir"]),
+        lambda i: diagnose(
+            layers[i]["server"], spec["model_dir"], geometry_only=spec.get("geometry_only", False)
+        ),
     )
 
 

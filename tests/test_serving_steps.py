@@ -1,0 +1,226 @@
+"""The probe's serving-engine steps that need no vLLM: the bound on a step, where a CPU stops a
+worker call, the geometry a worker must send, a forked build that never returns.
+
+The real builds against real servers are in ``test_serving.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from vllm_patches.diagnosis.live import built_text, failed_step, works
+from vllm_patches.probes import serving
+
+
+def _blocks_on_an_event() -> None:
+    threading.Event().wait()
+
+
+def test_a_step_past_its_bound_is_a_hang_naming_the_frame_it_blocked_in():
+    started = time.monotonic()
+    with (
+        pytest.raises(serving.Hang) as hang,
+        serving.bounded("scheduler get_num_new_matched_tokens", 0.3),
+    ):
+        _blocks_on_an_event()
+    assert time.monotonic() - started < 5
+    text = str(hang.value)
+    assert text.startswith(
+        "scheduler get_num_new_matched_tokens did not return in 0 s; blocked in "
+    )
+    assert "in _blocks_on_an_event" in text
+    assert text.index("in wait") < text.index("in _blocks_on_an_event")  # innermost first
+
+
+def test_a_hang_is_not_swallowed_by_a_connectors_except_exception():
+    def careless() -> str:
+        try:
+            _blocks_on_an_event()
+        except Exception:
+            return "swallowed"
+        return "returned"
+
+    with pytest.raises(serving.Hang), serving.bounded("worker wait_for_save", 0.2):
+        careless()
+
+
+def test_a_step_within_its_bound_returns_and_leaves_no_timer():
+    import signal
+
+    with serving.bounded("worker get_finished", 5):
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            AssertionError("Torch not compiled with CUDA enabled"),
+            "stopped at the accelerator (AssertionError): needs CUDA",
+        ),
+        (
+            RuntimeError(
+                "Transfer context is not initialized. Call register_kv_caches() before "
+                "submitting store requests."
+            ),
+            "stopped: no KV cache is registered (RuntimeError: Transfer context is not "
+            "initialized. Call register_kv_caches() before submitting store requests.)",
+        ),
+        (AttributeError("'LMCacheMPWorkerAdapter' object has no attribute 'use_mla'"), ""),
+        (TypeError("got an unexpected keyword argument 'server_url'"), ""),
+    ],
+)
+def test_where_a_cpu_stops_a_worker_call_and_what_is_a_real_failure(error, expected):
+    assert serving.cpu_stop(error) == expected
+
+
+class _Worker:
+    """A worker whose calls behave as measured: lmcache 0.4.7 removed ``use_mla``."""
+
+    def __init__(self, wait_for_save_error: Exception) -> None:
+        self.error = wait_for_save_error
+        self.calls: list[str] = []
+
+    def bind_connector_metadata(self, metadata: object) -> None:
+        self.calls.append("bind_connector_metadata")
+
+    def start_load_kv(self, forward_context: object) -> None:
+        self.calls.append("start_load_kv")
+
+    def wait_for_save(self) -> None:
+        self.calls.append("wait_for_save")
+        raise self.error
+
+    def get_finished(self, finished: set[str]) -> tuple[None, None]:
+        self.calls.append("get_finished")
+        return None, None
+
+    def clear_connector_metadata(self) -> None:
+        self.calls.append("clear_connector_metadata")
+
+
+def test_a_call_stopped_by_the_cpu_is_said_and_the_next_calls_still_run(monkeypatch):
+    monkeypatch.setattr(serving, "forward_context", lambda fill: None)
+    worker = _Worker(AssertionError("Torch not compiled with CUDA enabled"))
+    done = serving.drive_worker(worker, object(), fill=None)
+    assert worker.calls == list(serving.WORKER_CALLS)
+    assert done["wait_for_save"] == (
+        "not run here: stopped at the accelerator (AssertionError): needs CUDA"
+    )
+    assert done["get_finished"] == done["clear_connector_metadata"] == "ran"
+
+
+def test_a_real_failure_of_a_worker_call_ends_the_drive(monkeypatch):
+    monkeypatch.setattr(serving, "forward_context", lambda fill: None)
+    worker = _Worker(AttributeError("'LMCacheMPWorkerAdapter' object has no attribute 'use_mla'"))
+    done = serving.drive_worker(worker, object(), fill=None)
+    assert done == {
+        "bind_connector_metadata": "ran",
+        "start_load_kv": "ran",
+        "wait_for_save": (
+            "failed: AttributeError: 'LMCacheMPWorkerAdapter' object has no attribute 'use_mla'"
+        ),
+    }
+    assert "get_finished" not in worker.calls
+
+
+def test_what_rank_1_of_tp_2_must_send():
+    assert serving.expected_geometry(mla=False) == {
+        "kv_world_size": 2,
+        "kv_worker_id": 1,
+        "is_kv_writer": True,
+    }
+    # MLA: every TP rank holds the same KV; one piece, written by TP rank 0 only.
+    assert serving.expected_geometry(mla=True) == {
+        "kv_world_size": 1,
+        "kv_worker_id": 0,
+        "is_kv_writer": False,
+    }
+
+
+def test_a_forked_build_that_never_returns_is_killed_and_said(monkeypatch):
+    monkeypatch.setattr(serving, "STEP_SECONDS", 0.5)
+    monkeypatch.setattr(serving, "GRACE_SECONDS", 0.5)
+    started = time.monotonic()
+    got = serving._in_child(lambda: {"never": _blocks_on_an_event()})
+    assert time.monotonic() - started < 10
+    assert got["error"].startswith("hangs: geometry did not return in 0 s; blocked in ")
+
+
+def _candidate(**steps: object) -> dict:
+    return {"module": "m", "imports": True, "subclass": True, **steps}
+
+
+def test_the_verdict_words_name_the_step_and_works_needs_every_step():
+    hung = _candidate(
+        constructs_scheduler=True,
+        scheduler_round_trip=False,
+        verdict="hangs",
+        hangs="scheduler round trip: hangs: scheduler get_num_new_matched_tokens did not return",
+        error="scheduler round trip: hangs: ...",
+    )
+    assert built_text(hung) == (
+        "hangs (scheduler round trip: hangs: scheduler get_num_new_matched_tokens did not return)"
+    )
+    assert works(hung) is False
+    geometry = "rank 1 of TP 2, mla off: sent {'kv_world_size': 1}, expected {...}"
+    wrong = _candidate(
+        constructs_scheduler=True,
+        scheduler_round_trip=True,
+        constructs_worker=True,
+        worker_driven=True,
+        geometry=False,
+        verdict="wrong geometry",
+        geometry_error=geometry,
+    )
+    assert built_text(wrong) == f"wrong geometry ({geometry})"
+    both = _candidate(
+        constructs_scheduler=False,
+        constructs_worker=True,
+        geometry=False,
+        verdict="fails",
+        geometry_error=geometry,
+        error="constructs scheduler: TypeError: x",
+    )
+    assert built_text(both) == (
+        f"fails at: scheduler constructs (constructs scheduler: TypeError: x; "
+        f"and the wrong geometry: {geometry})"
+    )
+    assert failed_step(both) == "scheduler constructs"
+    assert works(_candidate(constructs_scheduler=True, verdict="works")) is True
+    assert works(_candidate()) is None  # imports, never built: no server
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # What an engine meets first: a role that does not construct stops it at start-up.
+        ({"constructs_scheduler": False, "geometry": False}, "fails"),
+        ({"constructs_scheduler": True, "constructs_worker": False}, "fails"),
+        # Then a request that never returns.
+        (
+            {"constructs_scheduler": True, "scheduler_round_trip": False, "hangs": "..."},
+            "hangs",
+        ),
+        (
+            {"constructs_scheduler": True, "constructs_worker": True, "worker_driven": False},
+            "fails",
+        ),
+        # Silent: everything runs, the pieces are wrong.
+        (dict.fromkeys(serving.STEPS, True) | {"geometry": False}, "wrong geometry"),
+        (dict.fromkeys(serving.STEPS, True), "works"),
+        # Geometry not measured (nothing handed over): not "works".
+        (dict.fromkeys(serving.STEPS, True) | {"geometry": None}, "fails"),
+    ],
+)
+def test_the_verdict_is_what_an_engine_meets_first(steps, expected):
+    assert serving.verdict(steps) == expected
+
+
+def test_the_reports_name_every_step_the_probe_measures_in_its_order():
+    from vllm_patches.diagnosis.live import STEP_NAMES
+
+    assert list(STEP_NAMES)[2:] == list(serving.STEPS)
