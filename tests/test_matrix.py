@@ -13,6 +13,8 @@ from vllm_patches.diagnosis.matrix import (
     FIRST_LMCACHE,
     disagreements,
     merge,
+    pairs,
+    pairs_lines,
     pin_conflicts,
     summary,
     verdict,
@@ -25,8 +27,10 @@ SHIPPED = json.loads((REPO_ROOT / "matrix" / "matrix.json").read_text())
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
 
 
-def _cell(works: bool, chosen: str, conflicts: tuple[str, ...] = ()) -> dict:
+def _cell(works: bool, chosen: str, conflicts: tuple[str, ...] = (), *, earlier=False) -> dict:
     info = {"works": works, "chosen": chosen, "error": "", "candidates": {}, "reason": ""}
+    if not earlier:  # measured with the serving-engine steps
+        info["verdict"] = "works" if works else "fails"
     return {"unpatched": info, "patched": info, "pin_conflicts": list(conflicts)}
 
 
@@ -133,3 +137,58 @@ def test_pin_conflicts_come_from_vllms_requirements_and_lmcaches_metadata():
     conflicting = {k for k, c in SHIPPED["cells"].items() if c["pin_conflicts"]}
     assert "0.19.0|0.4.5" in conflicting and "0.19.1|0.4.5" not in conflicting
     assert "0.19.0|0.4.4" not in conflicting
+
+
+def test_merge_onto_an_earlier_table_replaces_the_rows_it_measured():
+    builtin = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.X"
+    earlier = {
+        "cells": {
+            "0.16.0|0.4.7": _cell(True, FROZEN.format("0180")),
+            "0.21.0|0.4.7": _cell(True, FROZEN.format("0180")),
+        },
+        "seconds": {"0.16.0": 9.0, "0.21.0": 8.0},
+        "setup_seconds": {"0.16.0": 1.0, "0.21.0": 1.0},
+        "servers": {"0.4.5": "no server"},
+        "measured": {"date": "2026-11-26", "commit": "old", "vllm": ["0.16.0", "0.21.0"],
+                     "lmcache": ["0.4.5", "0.4.7"]},
+    }  # fmt: skip
+    new = {
+        "cells": {"0.16.0|0.4.7": _cell(False, builtin)},
+        "seconds": {"0.16.0": 3.0},
+        "setup_seconds": {"0.16.0": 2.0},
+        "measured": {"date": "2026-12-01", "commit": "new", "vllm": ["0.16.0"],
+                     "lmcache": ["0.4.7"]},
+    }  # fmt: skip
+    merged = merge([new], onto=earlier)
+    assert merged["cells"]["0.16.0|0.4.7"]["patched"]["chosen"] == builtin
+    assert merged["cells"]["0.21.0|0.4.7"] == earlier["cells"]["0.21.0|0.4.7"]
+    assert merged["seconds"] == {"0.16.0": 3.0, "0.21.0": 8.0}
+    assert merged["setup_seconds"] == {"0.16.0": 2.0, "0.21.0": 1.0}
+    assert merged["servers"] == {"0.4.5": "no server"}
+    assert merged["measured"] == {
+        "date": "2026-12-01",
+        "commit": "new, old",
+        "vllm": ["0.16.0", "0.21.0"],
+        "lmcache": ["0.4.5", "0.4.7"],
+    }
+
+
+def test_rows_measured_by_the_earlier_probe_are_marked_and_pairs_says_so():
+    builtin = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.X"
+    result = {
+        "cells": {
+            "0.20.0|0.4.6": _cell(True, builtin, earlier=True),
+            "0.21.0|0.4.6": _cell(True, builtin),
+        }
+    }
+    rows = summary(result).splitlines()
+    assert rows[2] == "| 0.20.0 \\* | 0.4.6 (builtin) | 0.4.6 (builtin) |"
+    assert rows[3] == "| 0.21.0 | 0.4.6 (builtin) | 0.4.6 (builtin) |"
+    assert rows[-1].startswith("\\* measured by the earlier probe (both roles constructed, one ")
+    lines = pairs_lines(pairs(result, "0.20.0"))
+    assert (
+        "measured by the earlier probe (construction and an unhashed lookup): check with "
+        "vllm-patches doctor --live before deploying, or re-measure with vllm-patches matrix "
+        "--vllm 0.20.0 --lmcache all" in lines
+    )
+    assert not any("earlier probe" in line for line in pairs_lines(pairs(result, "0.21.0")))

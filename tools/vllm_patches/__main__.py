@@ -199,7 +199,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     from vllm_patches.diagnosis import matrix
 
     if args.merge:
-        result = matrix.merge(matrix.load_results(args.merge))
+        onto = matrix.load_results([args.onto])[0] if args.onto else None
+        result = matrix.merge(matrix.load_results(args.merge), onto)
     else:
         vllm, lmcache = matrix.axes(args.vllm, args.lmcache)
         result = matrix.run_matrix(
@@ -445,6 +446,12 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
         help="remove each vLLM venv the run built once measured (~3.5 GB each otherwise)",
     )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
+    p.add_argument(
+        "--onto",
+        type=Path,
+        metavar="JSON",
+        help="with --merge: lay the merged cells over this earlier matrix.json (they replace its)",
+    )
     p.add_argument("--out", type=Path, default=Path("matrix"), help="output directory")
     p.add_argument(
         "--readme", type=Path, metavar="PATH", help="also rewrite the README's per-release summary"

@@ -13,7 +13,9 @@ from packaging.version import Version
 
 from vllm_patches._proc import run_subprocess, stopped_on_signals
 from vllm_patches.diagnosis.live import (
+    CandidateBuild,
     Layer,
+    LayerBuild,
     build_layers,
     built_text,
     per_layer_results,
@@ -147,7 +149,7 @@ def diagnose(
     return diagnosis
 
 
-def _require_vllm(python: str | Path, data: dict) -> None:
+def _require_vllm(python: str | Path, data: Mapping[str, object]) -> None:
     if data.get("vllm") is None:
         msg = f"no vLLM is installed in {python}; give --python the interpreter of vLLM's venv"
         raise PatchToolError(msg)
@@ -166,10 +168,10 @@ def diagnose_layers(python: str | Path, layers: list[Path]) -> list[Diagnosis]:
 class LiveDiagnosis:
     """What building the connector for real against a server found, and its verdict."""
 
-    data: dict = field(default_factory=dict)
+    data: LayerBuild = field(default_factory=lambda: LayerBuild())
 
     @property
-    def chosen(self) -> dict:
+    def chosen(self) -> CandidateBuild:
         return self.data.get("chosen_build", {})
 
     @property
@@ -230,14 +232,14 @@ class LiveDiagnosis:
         return out
 
 
-def _not_on_a_cpu(data: dict) -> list[tuple[str, str]]:
+def _not_on_a_cpu(data: LayerBuild) -> list[tuple[str, str]]:
     return [
         (call, why.removeprefix("not run here: "))
         for call, why in data.get("not_on_a_cpu", {}).items()
     ]
 
 
-def _failure(data: dict, chosen: dict) -> str:
+def _failure(data: LayerBuild, chosen: CandidateBuild) -> str:
     """The live verdict's sentence where the engine would not serve."""
     if "import_error" in data:
         return f"will fail when the engine starts: {_brief(data['import_error'])}"

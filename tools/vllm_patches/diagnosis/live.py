@@ -1,4 +1,8 @@
-"""Build connectors for real against real LMCache servers (the ground truth of "starts")."""
+"""Build connectors for real against real LMCache servers (the ground truth of "works").
+
+The reader of ``probes/connector_build.py``: what that probe prints, one ``BUILD`` line per
+lmcache layer, is :class:`LayerBuild` (each candidate a :class:`CandidateBuild`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, TypedDict, cast
 
 from vllm_patches._proc import run_subprocess
 from vllm_patches.probes import PROBES
@@ -62,7 +67,58 @@ class Layer:
     server: str | None
 
 
-def works(candidate: dict) -> bool | None:
+IMPORT_SECONDS = 300
+LAYER_SECONDS = 900
+"""The bound on the whole probe: importing vLLM, then per layer (every step inside is bounded
+by 30 s; this only catches a child stuck outside a step)."""
+Verdict = Literal["works", "fails", "hangs", "wrong geometry"]
+
+
+class CandidateBuild(TypedDict, total=False):
+    """One candidate as the probe measured it (``probes/serving.py`` names the steps)."""
+
+    module: str
+    builtin: bool
+    chosen: bool
+    imports: bool
+    subclass: bool
+    constructs_scheduler: bool
+    scheduler_round_trip: bool
+    constructs_worker: bool
+    worker_driven: bool
+    geometry: bool | None
+    verdict: Verdict
+    error: str
+    hangs: str
+    block_hashes: int
+    round_trip: str
+    second_lookup: str
+    worker: dict[str, str]
+    """Each worker call: ``ran``, ``not run here: ...``, ``failed: ...``."""
+    geometry_detail: dict[str, Any]
+    """Per MLA setting: ``sent``, ``expected``, ``fields``, ``ok`` (or ``error``); and ``ok``."""
+    geometry_error: str
+    seconds: float
+
+
+class LayerBuild(TypedDict, total=False):
+    """One lmcache layer with one vLLM: versions, the resolution, every candidate's build."""
+
+    vllm: str | None
+    lmcache: str | None
+    vllm_unmet: list[str]
+    server: str | None
+    patched: bool
+    import_error: str
+    chosen: str
+    resolution: dict[str, str]
+    candidates: list[CandidateBuild]
+    chosen_build: CandidateBuild
+    not_on_a_cpu: dict[str, str]
+    geometry_of: str
+
+
+def works(candidate: CandidateBuild) -> bool | None:
     """Whether a candidate built for real did all a serving engine asks on a CPU (both roles,
     the hashed round trip, the worker driven, the TP 2 geometry); None if not built."""
     if "constructs_scheduler" not in candidate:
@@ -70,7 +126,7 @@ def works(candidate: dict) -> bool | None:
     return candidate.get("verdict") == "works"
 
 
-def failed_step(candidate: dict) -> str:
+def failed_step(candidate: CandidateBuild) -> str:
     """The first step a candidate failed, as the reports name it; '' when it worked."""
     for key, name in STEP_NAMES.items():
         if key in candidate and candidate[key] is False:
@@ -78,7 +134,7 @@ def failed_step(candidate: dict) -> str:
     return ""
 
 
-def built_text(candidate: dict) -> str:
+def built_text(candidate: CandidateBuild) -> str:
     """What a real build of one candidate did, in words: ``works``, ``hangs (...)``,
     ``wrong geometry (...)`` or ``fails at: STEP (...)``."""
     verdict = candidate.get("verdict")
@@ -98,7 +154,7 @@ def built_text(candidate: dict) -> str:
     return f"fails at: {step} ({candidate.get('error', '')}{also})"
 
 
-def worker_reached(candidate: dict) -> str:
+def worker_reached(candidate: CandidateBuild) -> str:
     """How far the worker's calls went, in words: ``ran`` or where each stopped and why."""
     calls = candidate.get("worker", {})
     return "; ".join(f"{call} {state}" for call, state in calls.items())
@@ -110,7 +166,7 @@ def build_layers(
     env: dict[str, str] | None = None,
     *,
     geometry_only: bool = False,
-) -> list[dict]:
+) -> list[LayerBuild]:
     """Run the build probe in ``python`` for each layer, vLLM imported once for all.
 
     :param geometry_only: measure only what each candidate's worker of rank 1 in TP 2 hands
@@ -143,12 +199,16 @@ def build_layers(
             **(env or {}),
         }
         proc = run_subprocess(
-            [python, PROBE, spec], cwd=Path(tmp), env=full_env, what="building the connectors"
+            [python, PROBE, spec],
+            cwd=Path(tmp),
+            env=full_env,
+            what="building the connectors",
+            timeout=IMPORT_SECONDS + LAYER_SECONDS * len(layers),
         )
-    return per_layer_results(proc.stdout, "BUILD")
+    return cast("list[LayerBuild]", per_layer_results(proc.stdout, "BUILD"))
 
 
-def per_layer_results(stdout: str, tag: str) -> list[dict]:
+def per_layer_results(stdout: str, tag: str) -> list[dict[str, Any]]:
     """What a probe's forked children printed (``probes/connector_build.per_layer``), one per
     layer; a child that died is ``{"candidates": [], "import_error": "the probe failed: ..."}``.
     """

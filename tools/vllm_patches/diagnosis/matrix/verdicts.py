@@ -1,0 +1,218 @@
+"""Reading a pairing table: each cell side's verdict, runs of working releases, the counts,
+where the resolution disagrees with the real builds, and ``pairs``' recommendation."""
+
+from __future__ import annotations
+
+import json
+
+from packaging.version import Version
+
+from vllm_patches.errors import PatchToolError
+from vllm_patches.series.manifest import REPO_ROOT
+
+Cell = dict[str, object]
+
+
+BAD_VERDICTS = ("hangs", "wrong geometry")
+"""Verdicts of a class that constructs yet would not serve: the engine hangs on a request,
+or a tensor-parallel worker reads and writes the wrong KV pieces."""
+
+
+LABELS = ("unpatched", "patched")
+
+
+def cell_key(cell: str) -> tuple[Version, Version]:
+    version, lmcache = cell.split("|")
+    return Version(version), Version(lmcache)
+
+
+def table_axes(result: dict) -> tuple[list[str], list[str]]:
+    """The table's vLLM releases and lmcache releases, oldest first."""
+    keys = [k.split("|") for k in result["cells"]]
+    return (
+        sorted({v for v, _ in keys}, key=Version),
+        sorted({lm for _, lm in keys}, key=Version),
+    )
+
+
+def short_name(module: str) -> str:
+    """A candidate's name in the table: ``builtin``, ``lmcache main``, ``_0180`` ..."""
+    if module.startswith("vllm."):
+        return "builtin"
+    name = module.rsplit(".", 1)[-1]
+    return (
+        "lmcache main"
+        if name == "lmcache_mp_connector"
+        else name.removeprefix("lmcache_mp_connector")
+    )
+
+
+def clear_error(info: Cell) -> bool:
+    """Whether a side resolved to the series' stand-in that stops with the one clear error."""
+    return "Unavailable" in str(info.get("chosen", ""))
+
+
+def connector_name(info: Cell) -> str:
+    """The short name of the class a cell resolved to."""
+    chosen = str(info["chosen"])
+    if not chosen:
+        return "vLLM's module does not import"
+    if clear_error(info):
+        return "the series' clear error"
+    return short_name(chosen.rsplit(".", 1)[0])
+
+
+def verdict(cell: Cell, label: str) -> str:
+    """``works``, ``clear error``, ``fails``, ``does not import`` (vLLM's connector module,
+    so no resolution ran) or ``not built`` (no server) for one side of a cell."""
+    if "install_error" in cell:
+        return "fails"
+    info = cell[label]
+    if not info["chosen"]:
+        return "does not import"
+    if info["works"]:
+        return "works"
+    if info["works"] is None:
+        return "not built"
+    if clear_error(info):
+        return "clear error"
+    return str(info.get("verdict")) if info.get("verdict") in BAD_VERDICTS else "fails"
+
+
+def starts_with(result: dict, version: str, label: str) -> str:
+    """The lmcache releases with which vLLM ``version`` works (``label``: unpatched or
+    patched), as runs of consecutive releases by connector: ``0.4.4-0.5.0 (_0180), ...``;
+    a run whose pins conflict with vLLM's names the packages."""
+    runs: list[tuple[str, str, str]] = []  # (what, first, last)
+    previous = ""
+    for lm in table_axes(result)[1]:
+        cell = result["cells"].get(f"{version}|{lm}", {})
+        what = connector_name(cell[label]) if cell.get(label, {}).get("works") else ""
+        if what and cell.get("pin_conflicts"):
+            names = sorted({c.split(":")[0] for c in cell["pin_conflicts"]})
+            what += f"; pins conflict: {', '.join(names)}"
+        if what and runs and what == runs[-1][0] and previous == runs[-1][2]:
+            runs[-1] = (what, runs[-1][1], lm)
+        elif what:
+            runs.append((what, lm, lm))
+        previous = lm
+    text = [f"{a}\N{EN DASH}{b} ({what})" if a != b else f"{a} ({what})" for what, a, b in runs]
+    return ", ".join(text) or "none"
+
+
+def serving_steps(result: dict, version: str) -> bool:
+    """Whether vLLM ``version``'s row was measured with the serving-engine steps (hashed
+    requests, the worker driven, the TP 2 geometry, bounded steps); rows of earlier runs
+    were measured by construction and an unhashed lookup only."""
+    return any(
+        "verdict" in cell.get("patched", {})
+        for key, cell in result["cells"].items()
+        if key.startswith(f"{version}|")
+    )
+
+
+def counts(result: dict) -> dict[str, int]:
+    """The closing figures: cells that work patched, that work only patched, where none can."""
+    found = {
+        "cells": 0,
+        "patched works": 0,
+        "only patched works": 0,
+        "nothing works": 0,
+        "patched hangs": 0,
+        "patched wrong geometry": 0,
+        "not built": 0,
+        "does not import": 0,
+    }
+    for cell in result["cells"].values():
+        found["cells"] += 1
+        if "install_error" in cell:
+            continue
+        patched, unpatched = verdict(cell, "patched"), verdict(cell, "unpatched")
+        if "not built" in (patched, unpatched):
+            found["not built"] += 1
+            continue
+        found["does not import"] += patched == "does not import"
+        found["patched works"] += patched == "works"
+        found["only patched works"] += patched == "works" and unpatched != "works"
+        found["patched hangs"] += patched == "hangs"
+        found["patched wrong geometry"] += patched == "wrong geometry"
+        found["nothing works"] += not any_works(cell)
+    return found
+
+
+def any_works(cell: Cell) -> bool:
+    """Whether some candidate of the cell (either side) worked when built for real."""
+    return any(
+        state == "works"
+        for label in LABELS
+        for state in cell.get(label, {}).get("candidates", {}).values()
+    )
+
+
+def disagreements(result: dict) -> list[str]:
+    """Patched cells where the resolution's choice differs from the real builds.
+
+    Where some candidate works, the chosen one must work; where none does, the series' stand-in
+    must stop with the clear error (or vLLM's connector module does not import at all, which
+    :func:`counts` reports apart: no resolution runs there).
+    """
+    found = []
+    for key, cell in result["cells"].items():
+        if "install_error" in cell or verdict(cell, "patched") == "not built":
+            continue
+        patched = verdict(cell, "patched")
+        want = "works" if any_works(cell) else "clear error"
+        if patched != want and not (patched == "does not import" and want == "clear error"):
+            found.append(f"{key}: patched {patched}, measured best {want}")
+    return found
+
+
+def shipped() -> dict:
+    """The pairing table this project ships (``matrix/matrix.json``): the one reader of it."""
+    path = REPO_ROOT / "matrix" / "matrix.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read the shipped pairing table {path} ({exc}); reinstall vllm-lmcache-mp"
+        raise PatchToolError(msg) from None
+
+
+def pairs(result: dict, version: str) -> dict:
+    """Which lmcache to install for vLLM ``version``: the recommendation and what it rests on.
+
+    The recommendation is the newest lmcache release with which the patched vLLM works when
+    built for real and whose pins fit vLLM's; else the newest that works, pins named.
+    """
+    release = Version(version).public
+    versions, lmcaches = table_axes(result)
+    if release not in versions:
+        msg = (
+            f"vLLM {release} is not in the pairing table ({versions[0]} … {versions[-1]}); "
+            "measure it with vllm-patches matrix --vllm " + release
+        )
+        raise PatchToolError(msg)
+    rows = []
+    for lm in reversed(lmcaches):
+        cell = result["cells"].get(f"{release}|{lm}")
+        if cell is None or "install_error" in cell:
+            continue
+        rows.append(
+            {
+                "lmcache": lm,
+                "patched": verdict(cell, "patched"),
+                "unpatched": verdict(cell, "unpatched"),
+                "connector": connector_name(cell["patched"]),
+                "pin_conflicts": cell["pin_conflicts"],
+            }
+        )
+    working = [r for r in rows if r["patched"] == "works"]
+    fitting = [r for r in working if not r["pin_conflicts"]]
+    return {
+        "vllm": release,
+        "recommended": (fitting or working or [None])[0],
+        "works_patched": starts_with(result, release, "patched"),
+        "works_unpatched": starts_with(result, release, "unpatched"),
+        "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
+        "measured": result.get("measured", {}),
+        "serving_steps": serving_steps(result, release),
+    }
