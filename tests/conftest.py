@@ -186,6 +186,37 @@ def without_git(tmp_path, monkeypatch) -> Callable[[], None]:
     return hide
 
 
+def path_without_git(links: Path, *first: Path, programs: tuple[str, ...] = ()) -> str:
+    """A PATH as on a machine without git: the directories ``first``, then ``links``, made here
+    with a link to each of ``programs`` as this machine's PATH finds it."""
+    links.mkdir()
+    for name in programs:
+        found = shutil.which(name)
+        assert found is not None, name
+        (links / name).symlink_to(found)
+    path = os.pathsep.join(str(d) for d in (*first, links))
+    assert shutil.which("git", path=path) is None
+    return path
+
+
+@pytest.fixture(scope="session")
+def tool_wheel(tmp_path_factory) -> Path:
+    """This project's own wheel, as the README builds it."""
+    dist = tmp_path_factory.mktemp("dist")
+    # From a clean copy: setuptools builds in the source tree (build/), which must not
+    # collect stale files across runs, nor litter the clone.
+    source = tmp_path_factory.mktemp("src") / "vllm-lmcache-mp"
+    ignore = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO_ROOT, source, ignore=ignore)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, source],
+        check=True,
+        capture_output=True,
+    )
+    (found,) = dist.glob("vllm_lmcache_mp-*.whl")
+    return found
+
+
 def connector_bytes(root: Path) -> bytes:
     return (root / CONNECTOR).read_bytes()
 

@@ -4,7 +4,8 @@ Images cannot be pulled here, so the image is played by a copy of a real vLLM in
 from the sdist (hardlinked, so making it is cheap and the cached original is never written:
 pip and the tool replace files by rename). The Dockerfile is parsed as Docker reads it
 (ARG defaults, --build-arg overrides, COPY into the container's paths, RUN through sh -c
-with the ARGs in the environment); only FROM is played by that venv.
+with the ARGs in the environment); only FROM is played by that venv. An image may have no
+git: the steps run with a PATH of the venv's bin and a shell, and no git.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import path_without_git
 from vllm_patches.series.manifest import REPO_ROOT
 from vllm_patches.sources.releases import cache_root, fetch_sdist
 from vllm_patches.sources.venvs import vllm_env
@@ -37,9 +38,11 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return found
 
 
-def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) -> list[str]:
-    """Play ``dockerfile``'s steps on this machine, from outside this clone (in ``context``);
-    return each RUN's output."""
+def run_dockerfile(
+    dockerfile: Path, context: Path, build_args: dict[str, str], path: str
+) -> list[str]:
+    """Play ``dockerfile``'s steps on this machine, from outside this clone (in ``context``),
+    with ``path`` as the image's PATH; return each RUN's output."""
     args: dict[str, str] = {}
     outputs = []
     for keyword, rest in _instructions(dockerfile):
@@ -56,7 +59,7 @@ def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) 
                 ["sh", "-c", rest],
                 capture_output=True,
                 text=True,
-                env={**_env(), **args},
+                env={**_env(path), **args},
                 cwd=context,
             )
             assert proc.returncode == 0, f"{rest}\n{proc.stdout}\n{proc.stderr}"
@@ -66,8 +69,8 @@ def run_dockerfile(dockerfile: Path, context: Path, build_args: dict[str, str]) 
     return outputs
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(path: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": path}
     env.pop("PYTHONPATH", None)
     return env
 
@@ -84,25 +87,15 @@ def image(tmp_path):
     shutil.rmtree("/tmp/vllm-lmcache-mp", ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def tool_wheel(tmp_path_factory) -> Path:
-    """This project's own wheel, as the README builds it."""
-    dist = tmp_path_factory.mktemp("dist")
-    # From a clean copy: setuptools builds in the source tree (build/), which must not
-    # collect stale files across runs, nor litter the clone.
-    source = tmp_path_factory.mktemp("src") / "vllm-lmcache-mp"
-    ignore = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__")
-    shutil.copytree(REPO_ROOT, source, ignore=ignore)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, source],
-        check=True,
-        capture_output=True,
-    )
-    (found,) = dist.glob("vllm_lmcache_mp-*.whl")
-    return found
+@pytest.fixture
+def image_path(image, tmp_path) -> str:
+    """The image's PATH, without git: its venv's bin (python, pip) and a shell."""
+    return path_without_git(tmp_path / "image-tools", image.parent, programs=("sh",))
 
 
-def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_wheel, tmp_path):
+def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(
+    image, image_path, tool_wheel, tmp_path
+):
     context = tmp_path / "context"
     (context / "dist").mkdir(parents=True)
     shutil.copy(tool_wheel, context / "dist")
@@ -110,6 +103,7 @@ def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_whee
         EXAMPLES / "Dockerfile",
         context,
         {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.5", "VLLM_PYTHON": str(image)},
+        image_path,
     )
     assert outputs[2].startswith("applied the series of vLLM 0.21.0 to ")
     assert "lmcache_mp_connector_0201.LMCacheMPConnector" in outputs[3]
@@ -118,7 +112,11 @@ def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_whee
     # The installed tool, run from a directory outside the clone, finds its own series.
     def tool(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [image, "-m", "vllm_patches", *args], capture_output=True, text=True, cwd=tmp_path
+            [image, "-m", "vllm_patches", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=_env(image_path),
         )
 
     status = tool("status", "--python", str(image))
@@ -133,7 +131,7 @@ def test_dockerfile_patches_the_images_vllm_and_gates_on_doctor(image, tool_whee
 
 
 def test_dockerfile_gate_fails_the_build_on_a_pairing_that_cannot_start(
-    image, tool_wheel, tmp_path
+    image, image_path, tool_wheel, tmp_path
 ):
     context = tmp_path / "context"
     (context / "dist").mkdir(parents=True)
@@ -143,10 +141,11 @@ def test_dockerfile_gate_fails_the_build_on_a_pairing_that_cannot_start(
             EXAMPLES / "Dockerfile",
             context,
             {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.6", "VLLM_PYTHON": str(image)},
+            image_path,
         )
 
 
-def test_wheel_recipe_installs_the_patched_wheel(image, tool_wheel, tmp_path):
+def test_wheel_recipe_installs_the_patched_wheel(image, image_path, tool_wheel, tmp_path):
     # A wheel versioned as the release itself (the official wheels are), built from the sdist.
     built = cache_root() / "built-wheels" / "0.21.0-release"
     official = sorted(built.glob("vllm-*.whl")) if built.is_dir() else []
@@ -161,6 +160,7 @@ def test_wheel_recipe_installs_the_patched_wheel(image, tool_wheel, tmp_path):
         EXAMPLES / "Dockerfile.wheel",
         context,
         {"VLLM_VERSION": "0.21.0", "LMCACHE_VERSION": "0.5.5", "VLLM_PYTHON": str(image)},
+        image_path,
     )
     assert outputs[-1].rstrip().endswith("verdict: OK")
     assert "patched (this series)" in outputs[-1]

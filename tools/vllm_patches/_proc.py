@@ -50,7 +50,11 @@ def run_subprocess(
         )
         raise PatchToolError(msg) from None
     except FileNotFoundError:
-        msg = f"{argv[0]} is not installed or not on PATH; install it and run the command again"
+        msg = (
+            f"{argv[0]} does not exist; give the path of a program that does"
+            if os.sep in argv[0]
+            else f"{argv[0]} is not installed or not on PATH; install it and run the command again"
+        )
         raise PatchToolError(msg) from None
     except OSError as exc:
         msg = f"cannot run {argv[0]} ({exc.strerror}); give a program that runs here"

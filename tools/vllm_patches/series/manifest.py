@@ -50,9 +50,9 @@ def require_clone(what: str) -> None:
     """Refuse a contributor workflow where the series is the installed, read-only copy."""
     if not IN_CLONE:
         msg = (
-            f"{what} changes the series, so it needs a clone of vllm-lmcache-mp: git clone it, "
-            "run pip install -e '.[contrib]' in it and run vllm-patches from there; this "
-            "installed copy is read-only"
+            f"{what} changes the series, so it needs a clone of vllm-lmcache-mp: in the clone, "
+            f"run pip install -e '.[contrib]', then {what} there; this installed copy is "
+            "read-only"
         )
         raise PatchToolError(msg)
 

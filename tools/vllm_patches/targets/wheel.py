@@ -100,6 +100,9 @@ def inspect_wheel(path: Path, zf: zipfile.ZipFile) -> WheelInfo:
 
 
 def _open(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        msg = f"{path} is not a file; give the path of a vLLM wheel (vllm-*.whl)"
+        raise PatchToolError(msg)
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
