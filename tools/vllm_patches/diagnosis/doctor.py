@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, cast
 
 from packaging.version import Version
 
@@ -49,11 +50,40 @@ def _brief(error: str) -> str:
     return re.sub(r" \(/[^)]*\)", "", error)
 
 
+class StaticCandidate(TypedDict):
+    """One candidate as ``probes/doctor_static.py`` checked it (no server, no device)."""
+
+    module: str
+    imports: bool
+    subclass: bool
+    builds: bool
+    """The series' construction check passed (static)."""
+    error: str
+
+
+class StaticDiagnosis(TypedDict, total=False):
+    """What ``probes/doctor_static.py`` prints for one lmcache (its ``DOCTOR`` line)."""
+
+    vllm: str | None
+    lmcache: str | None
+    vllm_unmet: list[str]
+    import_error: str
+    checked: bool
+    candidates: list[StaticCandidate]
+    patched: bool
+    builtin: StaticCandidate
+    chosen: str
+    resolution: dict[str, str]
+    chosen_builds: bool
+    chosen_error: str
+    module_path_route: dict[str, str]
+
+
 @dataclass
 class Diagnosis:
     """What doctor found, and its verdict."""
 
-    data: dict = field(default_factory=dict)
+    data: StaticDiagnosis = field(default_factory=lambda: StaticDiagnosis())
 
     @property
     def ok(self) -> bool:
@@ -130,7 +160,10 @@ def _static(python: str | Path, layers: list[str | None], env: dict[str, str]) -
         spec.write_text(json.dumps({"layers": layers, "overlay": overlay}))
         full_env = {"LMCACHE_LOG_LEVEL": "ERROR", **env}
         proc = run_subprocess([python, STATIC, spec], env=full_env, what="doctor's probe")
-    found = [Diagnosis(data) for data in per_layer_results(proc.stdout, "DOCTOR")]
+    found = [
+        Diagnosis(cast("StaticDiagnosis", data))
+        for data in per_layer_results(proc.stdout, "DOCTOR")
+    ]
     if len(found) != len(layers):
         msg = f"{python} did not answer as a Python interpreter; give the python of vLLM's venv"
         raise PatchToolError(msg)

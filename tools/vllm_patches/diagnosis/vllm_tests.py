@@ -19,7 +19,7 @@ from vllm_patches.errors import PatchToolError, ReportedError
 from vllm_patches.series.manifest import load_manifest
 from vllm_patches.series.overlay import group_results
 from vllm_patches.sources.releases import cache_root, fetch_sdist
-from vllm_patches.sources.venvs import TEST_DEPS, TORCH, default_lmcache, pip, vllm_env
+from vllm_patches.sources.venvs import default_lmcache, vllm_env
 from vllm_patches.targets.apply import apply, recover, status
 from vllm_patches.targets.files import journal_of
 from vllm_patches.targets.find import Target, installed_vllm
@@ -246,8 +246,9 @@ def run_vllm_tests(
     if change is None:
         change = {g.path: group_results(g)[1][-1] for g in release.groups}
     lmcache = lmcache or default_lmcache(version)
-    python = vllm_env(version, lmcache)
-    pip(python, "install", "-q", TORCH, *TEST_DEPS)
+    # A venv of its own: the test dependencies and the laid-over files never touch the venv
+    # that the pairing table, doctor and the deploy test use.
+    python = vllm_env(version, lmcache, test_deps=True)
     site = installed_vllm(str(python))
     recover(site)
     if status(site, manifest).overall != "unpatched":

@@ -14,6 +14,8 @@ the server, a request with real block hashes through the scheduler, the worker d
 the scheduler's metadata, and the TP 2 geometry; each step bounded, a hang is a verdict.
 Without a server, only imports and subclass are measured (``geometry_only``: and the
 geometry). The parent prints ``LAYER i exit code N``.
+
+Its reader is ``diagnosis/live.py``, typed there as ``LayerBuild``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ once; a child is forked per layer and prints one ``DOCTOR {json}`` line; the par
 
 The construction check is the series' own (patch 0006): taken from vLLM's module when it is
 patched, else from the overlay file, imported as a module of its own.
+
+Its reader is ``diagnosis/doctor.py``, typed there as ``StaticDiagnosis``.
 """
 
 from __future__ import annotations
