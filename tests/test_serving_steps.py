@@ -46,12 +46,31 @@ def test_a_hang_is_not_swallowed_by_a_connectors_except_exception():
         careless()
 
 
-def test_a_step_within_its_bound_returns_and_leaves_no_timer():
+def test_an_enclosing_bound_holds_after_an_inner_step_and_ends_it_first():
+    with pytest.raises(serving.Hang) as hang, serving.bounded("scheduler round trip", 0.4):
+        with serving.bounded("scheduler update_state_after_alloc", 0.1):
+            pass
+        _blocks_on_an_event()  # the enclosing bound is in force again
+    assert str(hang.value).startswith("scheduler round trip did not return in 0 s")
+    with (
+        pytest.raises(serving.Hang) as hang,
+        serving.bounded("scheduler round trip", 0.3),
+        serving.bounded("scheduler get_num_new_matched_tokens", 60),
+    ):
+        _blocks_on_an_event()  # the enclosing bound ends first, named by the inner step
+    assert str(hang.value).startswith("scheduler get_num_new_matched_tokens did not return in 0 s")
+
+
+def test_a_step_within_its_bound_leaves_the_timer_and_handler_as_they_were():
     import signal
 
+    handler = signal.getsignal(signal.SIGALRM)
+    before = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's, or none
     with serving.bounded("worker get_finished", 5):
         pass
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    after = signal.getitimer(signal.ITIMER_REAL)[0]
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert (after == before == 0.0) or 0 < before - after < 1
 
 
 @pytest.mark.parametrize(

@@ -89,8 +89,8 @@ class _Watchdog:
     blocked in C code that no signal interrupts), printing what was measured so far."""
 
     def __init__(self) -> None:
-        self.deadline: float | None = None
-        self.step = ""
+        self.bounds: list[tuple[str, float]] = []
+        """The bounds in force, outermost first: (step, deadline)."""
         self.partial: tuple[str, dict[str, Any], dict[str, Any]] | None = None
         self.main = threading.main_thread().ident
         self.started = False
@@ -99,18 +99,20 @@ class _Watchdog:
         if not self.started:
             threading.Thread(target=self._watch, daemon=True, name="probe-watchdog").start()
             self.started = True
-        self.step, self.deadline = step, time.monotonic() + seconds
+        self.bounds.append((step, time.monotonic() + seconds))
 
     def disarm(self) -> None:
-        self.deadline = None
+        self.bounds.pop()
 
     def _watch(self) -> None:
         while True:
             time.sleep(0.5)
-            if self.deadline is None or time.monotonic() < self.deadline:
+            bounds = list(self.bounds)
+            if not bounds or time.monotonic() < min(deadline for _, deadline in bounds):
                 continue
             where = frames_text(sys._current_frames().get(self.main or 0))
-            text = f"hangs: {self.step} did not return (no signal reached it); blocked in {where}"
+            step = bounds[-1][0]
+            text = f"hangs: {step} did not return (no signal reached it); blocked in {where}"
             if self.partial is None:
                 print(f"FAILED {text}", flush=True)
                 os._exit(3)
@@ -126,22 +128,29 @@ WATCHDOG = _Watchdog()
 @contextlib.contextmanager
 def bounded(step: str, seconds: float | None = None) -> Iterator[None]:
     """Run the body under a bound (:data:`STEP_SECONDS` unless given); past it, raise
-    :class:`Hang` in the frame it blocked in."""
+    :class:`Hang` in the frame it blocked in. Bounds nest: an enclosing bound that ends
+    first still ends the body, and is in force again afterwards."""
     seconds = STEP_SECONDS if seconds is None else seconds
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]
+    bound = min(seconds, outer) if outer else seconds
 
     def expire(signum: int, frame: FrameType | None) -> None:
-        msg = f"{step} did not return in {seconds:.0f} s; blocked in {frames_text(frame)}"
+        msg = f"{step} did not return in {bound:.0f} s; blocked in {frames_text(frame)}"
         raise Hang(msg)
 
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    WATCHDOG.arm(step, seconds + GRACE_SECONDS)
+    signal.setitimer(signal.ITIMER_REAL, bound)
+    WATCHDOG.arm(step, bound + GRACE_SECONDS)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         WATCHDOG.disarm()
+        if outer:
+            left = outer - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
 def cpu_stop(exc: BaseException) -> str:
