@@ -279,15 +279,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
         result = rebase.start(
             args.onto, args.source, user_checkout=args.checkout, workdir=args.workdir
         )
-    print(f"carried the vLLM {result.source} series onto vLLM {result.onto}: "
-          + " ".join(result.carried))  # fmt: skip
-    if result.in_base:
-        print(f"already in vLLM {result.onto}, dropped from its series: {' '.join(result.in_base)}")
-    print(f"new groups: {', '.join(result.new_groups) or 'none'}; "
-          f"reused: {', '.join(result.reused_groups) or 'none'}")  # fmt: skip
-    print(f"git range-diff, vLLM {result.source} series -> vLLM {result.onto} series:")
-    print(result.range_diff, end="")
-    print("patches/, patches/series.toml and vllm_overlay/ updated")
+    print("\n".join(result.lines()))
     return 0
 
 
@@ -349,14 +341,7 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
         assisted_by=tuple(args.assisted_by),
         tests=args.tests,
     )
-    print(f"title: {pr.title}")
-    print(f"branch {pr.branch} in {pr.checkout}: {len(upstream.PR_PATCHES)} signed-off commits")
-    for hook in pr.hooks:
-        print(f"  {hook.id}: {hook.outcome}{f' ({hook.detail})' if hook.detail else ''}")
-    for name, run in (("vLLM " + base, pr.tests.baseline), ("with the change", pr.tests.patched)):
-        counts = ", ".join(f"{n} {k}" for k, n in run.counts().items())
-        print(f"tests, {name}: {counts} in {run.seconds:.1f} s")
-    print(f"written: {pr.out}/PR.md, {pr.out}/patches/, {pr.out}/checks.txt, {pr.out}/tests/")
+    print("\n".join(pr.lines()))
     return 0
 
 

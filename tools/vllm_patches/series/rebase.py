@@ -95,6 +95,21 @@ class RebaseResult:
     reused_groups: list[str]
     range_diff: str
 
+    def lines(self) -> list[str]:
+        """What the rebase did, for people (``git range-diff`` last, as git prints it)."""
+        out = [f"carried the vLLM {self.source} series onto vLLM {self.onto}: "
+               + " ".join(self.carried)]  # fmt: skip
+        if self.in_base:
+            out.append(
+                f"already in vLLM {self.onto}, dropped from its series: {' '.join(self.in_base)}"
+            )
+        out.append(f"new groups: {', '.join(self.new_groups) or 'none'}; "
+                   f"reused: {', '.join(self.reused_groups) or 'none'}")  # fmt: skip
+        out.append(f"git range-diff, vLLM {self.source} series -> vLLM {self.onto} series:")
+        out.append(self.range_diff.rstrip("\n"))
+        out.append("patches/, patches/series.toml and vllm_overlay/ updated")
+        return out
+
 
 def default_workdir(onto: str) -> Path:
     """Where the rebase onto ``onto`` runs unless told otherwise."""

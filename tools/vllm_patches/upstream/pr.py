@@ -51,6 +51,22 @@ class PullRequest:
     out: Path
     hooks: list[HookResult]
     tests: Report
+    base: str
+
+    def lines(self) -> list[str]:
+        """What was prepared, for people."""
+        out = [
+            f"title: {self.title}",
+            f"branch {self.branch} in {self.checkout}: {len(PR_PATCHES)} signed-off commits",
+        ]
+        out += [f"  {h.id}: {h.outcome}{f' ({h.detail})' if h.detail else ''}" for h in self.hooks]
+        runs = (("vLLM " + self.base, self.tests.baseline), ("with the change", self.tests.patched))
+        out += [f"tests, {name}: {run.counts_text()} in {run.seconds:.1f} s" for name, run in runs]
+        out.append(
+            f"written: {self.out}/PR.md, {self.out}/patches/, {self.out}/checks.txt, "
+            f"{self.out}/tests/"
+        )
+        return out
 
 
 def newest_release() -> str:
@@ -247,7 +263,7 @@ def prepare(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     checkout_path = out / "vllm" if user_checkout is None else tree
-    return PullRequest(pr.title, branch, checkout_path, out, pr.hooks, pr.tests)
+    return PullRequest(pr.title, branch, checkout_path, out, pr.hooks, pr.tests, base)
 
 
 def _user_tree(tree: Path, tag: str, branch: str) -> Path:
@@ -312,7 +328,7 @@ def _build(
         raise PatchToolError(msg)
     run_git(["format-patch", "-q", "-o", str(staging / "patches"), f"{tag}..{branch}"], tree)
     title = run_git(["log", "--format=%s", "--reverse", f"{tag}..{branch}"], tree).splitlines()[0]
-    pr = PullRequest(title, branch, tree, staging, hooks, report)
+    pr = PullRequest(title, branch, tree, staging, hooks, report, base)
     commands = [
         f"vllm-patches upstream-pr --base {base}   # vllm-lmcache-mp: branch, hooks, tests",
         f"pre-commit run --files {' '.join(files)}",
