@@ -83,7 +83,11 @@ def test_two_shards_merged_equal_the_unsharded_run(python):
     cell = whole["cells"]["0.21.0|0.5.3"]
     assert verdict(cell, "unpatched") == "fails" and verdict(cell, "patched") == "works"
     assert cell["patched"]["chosen"] == FROZEN.format("0201")
-    assert cell["patched"]["candidates"]["_0180"].startswith("scheduler constructs: no: ")
+    assert cell["patched"]["candidates"]["_0180"].startswith(
+        "fails at: scheduler constructs (constructs scheduler: ZMQError: Invalid argument "
+        "(addr='t'); and the wrong geometry: rank 1 of TP 2, mla on: "
+    )
+    assert cell["patched"]["steps"]["block hashes"] == 32
     assert verdict(whole["cells"]["0.21.0|0.5.6"], "patched") == "clear error"
     assert disagreements(whole) == []
 
