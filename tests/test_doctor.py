@@ -159,3 +159,60 @@ def test_doctor_advises_each_copy_that_builds_newer_ones_too_in_the_probes_order
     assert Diagnosis(data).fixes() == [
         f"set LMCACHE_MP_CONNECTOR_MODULE={candidate(s)['module']}" for s in order
     ]
+
+
+BUILTIN_CLASS = (
+    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
+)
+
+
+def _static(vllm: str, lmcache: str, *, patched: bool, chosen: str) -> Diagnosis:
+    """What the static probe says where the chosen class passes its construction check."""
+    return Diagnosis(
+        {
+            "vllm": f"{vllm}+cpu",
+            "lmcache": lmcache,
+            "vllm_unmet": [],
+            "candidates": [],
+            "patched": patched,
+            "chosen": chosen,
+            "chosen_builds": True,
+            "chosen_error": "",
+        }
+    )
+
+
+def test_static_doctor_fails_where_the_table_measured_a_hang_it_cannot_see():
+    """vLLM 0.16.0's builtin with lmcache 0.4.6 constructs, so the static check passes; the
+    pairing table, built with hashed requests, measured that its first lookup never returns."""
+    diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=BUILTIN_CLASS)
+    assert diagnosis.measured["verdict"] == "hangs"
+    assert not diagnosis.ok
+    lines = diagnosis.lines()
+    assert lines[-3].startswith(
+        "verdict: it starts, but measured with the serving-engine steps (pairing table) an "
+        "engine hangs on its first request: scheduler round trip: hangs: scheduler "
+        "get_num_new_matched_tokens did not return in 30 s; blocked in "
+    )
+    assert lines[-2].startswith("fix: with the series applied, install lmcache 0.4.6 (lmcache main")
+    assert lines[-1] == "fix: or check it here with vllm-patches doctor --live"
+
+
+def test_static_doctor_fails_where_the_table_measured_the_wrong_geometry():
+    chosen = "lmcache.integration.vllm.lmcache_mp_connector_0180.LMCacheMPConnector"
+    diagnosis = _static("0.21.0", "0.4.7", patched=True, chosen=chosen)
+    assert not diagnosis.ok
+    assert (
+        "(pairing table) a tensor-parallel worker reads and writes the wrong KV pieces: "
+        "rank 1 of TP 2, mla on: sent {'kv_world_size': 1, 'kv_worker_id': 0, 'is_kv_writer': "
+        "True}"
+    ) in diagnosis.lines()[-3]
+
+
+def test_static_doctor_trusts_its_own_check_where_the_table_chose_another_class():
+    # Here LMCACHE_MP_CONNECTOR_MODULE (say) picked lmcache's main connector: not what the
+    # table measured for this pairing, so the table's verdict does not apply.
+    chosen = "lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector"
+    diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=chosen)
+    assert diagnosis.measured == {}
+    assert diagnosis.ok and diagnosis.lines()[-1] == "verdict: OK"

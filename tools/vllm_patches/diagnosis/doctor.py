@@ -24,6 +24,7 @@ from vllm_patches.diagnosis.live import (
     works,
 )
 from vllm_patches.diagnosis.matrix import shipped, starts_with
+from vllm_patches.diagnosis.matrix.verdicts import BAD_VERDICTS
 from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.errors import PatchToolError
 from vllm_patches.probes import PROBES
@@ -31,6 +32,11 @@ from vllm_patches.series.manifest import CONNECTOR, load_manifest
 from vllm_patches.targets.find import installed_vllm
 
 STATIC = PROBES / "doctor_static.py"
+MEASURED_FAILURE = {
+    "hangs": "an engine hangs on its first request",
+    "wrong geometry": "a tensor-parallel worker reads and writes the wrong KV pieces",
+}
+"""How doctor names a verdict of the table that a static check cannot see."""
 """doctor's static probe, run by path inside the target interpreter."""
 
 
@@ -86,8 +92,26 @@ class Diagnosis:
     data: StaticDiagnosis = field(default_factory=lambda: StaticDiagnosis())
 
     @property
+    def measured(self) -> dict:
+        """What the shipped pairing table measured for this vLLM and lmcache, on this side
+        (unpatched or patched), with the serving-engine steps, where it chose the same class
+        as here; ``{}`` when the table has no such measurement."""
+        data = self.data
+        if not data.get("vllm") or not data.get("lmcache") or "patched" not in data:
+            return {}
+        key = f"{Version(str(data['vllm'])).public}|{data['lmcache']}"
+        side = shipped()["cells"].get(key, {}).get("patched" if data["patched"] else "unpatched")
+        if not side or "verdict" not in side or side.get("chosen") != data.get("chosen"):
+            return {}
+        return side
+
+    @property
     def ok(self) -> bool:
-        return "import_error" not in self.data and bool(self.data.get("chosen_builds"))
+        return (
+            "import_error" not in self.data
+            and bool(self.data.get("chosen_builds"))
+            and self.measured.get("verdict") not in BAD_VERDICTS
+        )
 
     def fixes(self) -> list[str]:
         """What to do when the verdict fails."""
@@ -132,8 +156,18 @@ class Diagnosis:
             out.append(f"LMCacheMPConnector resolves to {data['chosen']}")
             for module, got in data.get("module_path_route", {}).items():
                 out.append(f"  kv_connector_module_path={module} -> {got}")
+        measured = self.measured
         if self.ok:
             out.append("verdict: OK")
+        elif data.get("chosen_builds") and "import_error" not in data:
+            steps = measured.get("steps", {})
+            why = steps.get("geometry error") or measured.get("error", "")
+            out.append(
+                "verdict: it starts, but measured with the serving-engine steps (pairing "
+                f"table) {MEASURED_FAILURE[measured['verdict']]}: {_brief(str(why))}"
+            )
+            out.append(f"fix: {_lmcache_advice(str(data['vllm']))}")
+            out.append("fix: or check it here with vllm-patches doctor --live")
         else:
             error = data.get("chosen_error") or data.get("import_error", "")
             out.append(f"verdict: will fail when the engine starts: {_brief(error)}")
