@@ -92,12 +92,20 @@ def write(result: dict, out: Path) -> None:
     """``matrix.json`` and ``matrix.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(_scrub(json.dumps(result, indent=2, sort_keys=True)) + "\n")
+    deep = sum("verdict" in c.get("patched", {}) for c in result["cells"].values())
     cells, seconds = len(result["cells"]), sum(result["seconds"].values())
     setup = sum(result.get("setup_seconds", {}).values())
+    built = deep or cells
     timing = (
-        f"{cells} cells measured in {seconds:,.0f} s ({seconds / max(cells, 1):.1f} s a cell, "
-        f"unpatched and patched), plus {setup:,.0f} s of venv and lmcache set-up.\n\n"
+        f"{built} cells built for real in {seconds:,.0f} s ({seconds / max(built, 1):.1f} s a "
+        f"cell, unpatched and patched), plus {setup:,.0f} s of venv, lmcache and server set-up"
     )
+    if deep and deep < cells:
+        timing += (
+            f"; the other {cells - deep} cells (lmcache releases with no server that runs here: "
+            "imports only) are kept from the run the table was merged onto"
+        )
+    timing += ".\n\n"
     servers = "".join(f"- lmcache {lm}: {why}\n" for lm, why in result.get("servers", {}).items())
     if servers:
         servers = "Not built for real (no server of that release runs here):\n\n" + servers + "\n"
