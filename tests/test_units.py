@@ -362,3 +362,10 @@ def test_the_test_verdict_is_the_reports():
         _report({own: "failed"}, []).summary()
     with pytest.raises(ReportedError, match="did not all pass"):
         _report({"tests.other::t": "passed"}, []).summary()  # the series' tests did not run
+
+
+def test_the_prs_measured_example_is_read_from_the_shipped_table():
+    # The pairing table names a candidate that does not import as "fails at: imports (ERROR)".
+    assert pr._measured_example() == (
+        "ImportError: cannot import name 'KVCacheSpecKind' from 'vllm.v1.kv_cache_interface'"
+    )

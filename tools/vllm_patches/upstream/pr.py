@@ -113,7 +113,8 @@ def _measured_example() -> str:
     """lmcache 0.5.6's connector on vLLM 0.21.0, as the pairing table measured it."""
     cell = shipped()["cells"].get("0.21.0|0.5.6", {})
     state = cell.get("patched", {}).get("candidates", {}).get("lmcache main", "")
-    return state.removeprefix("imports: no: ") if state.startswith("imports: no: ") else ""
+    prefix = "fails at: imports ("  # diagnosis.live.built_text
+    return state[len(prefix) : -1] if state.startswith(prefix) and state.endswith(")") else ""
 
 
 SECTIONS = Path(__file__).with_name("sections.md")
