@@ -173,8 +173,12 @@ def kv_cache_config(config: Any) -> Any:
     )
 
 
-def construct(cls: type, config: Any, role: Any, kv_config: Any) -> Any:
-    """Construct ``cls`` for ``role`` as vLLM's connector factory does."""
+def construct(cls: type, config: Any, role_name: str, kv_config: Any) -> Any:
+    """Construct ``cls`` for the role ``role_name`` (``SCHEDULER``, ``WORKER``) as vLLM's
+    connector factory does."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    role = getattr(KVConnectorRole, role_name)
     if takes_kv_cache_config(cls):
         return cls(config, role, kv_config)
     return cls(config, role)
@@ -269,9 +273,7 @@ class Build:
         self.info.setdefault("error", f"{name.replace('_', ' ')}: {text}")
 
     def role(self, name: str) -> Any:
-        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-
-        return construct(self.cls, self.config, getattr(KVConnectorRole, name), self.kv_config)
+        return construct(self.cls, self.config, name, self.kv_config)
 
     def run(self, request_id: str) -> None:
         """Scheduler, worker, the request's lifecycle between them, shutdown, geometry."""
@@ -296,7 +298,7 @@ class Build:
             if connector is not None and "hangs" not in info:
                 self.shutdown(name, connector)
         info["geometry_detail"] = geometry(
-            lambda cfg: construct_worker(self.cls, cfg, self.kv_config), self.config
+            lambda cfg: construct(self.cls, cfg, "WORKER", self.kv_config), self.config
         )
         ok = info["geometry_detail"]["ok"]
         info["geometry"] = ok
@@ -353,13 +355,6 @@ class Build:
             self.failed("worker_driven", f"{name} shutdown: {error_text(exc)}")
         else:
             self.info.setdefault("worker", {})[f"{name} shutdown"] = "ran"
-
-
-def construct_worker(cls: type, config: Any, kv_config: Any) -> Any:
-    """The WORKER role of ``cls`` built from ``config``."""
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-
-    return construct(cls, config, KVConnectorRole.WORKER, kv_config)
 
 
 def geometry_error(detail: dict[str, Any]) -> str:
@@ -436,7 +431,7 @@ def diagnose(server: str | None, model_dir: str, *, geometry_only: bool = False)
         for info, cls in found:
             if cls is not None:
                 info["geometry_detail"] = geometry(
-                    lambda cfg, cls=cls: construct_worker(cls, cfg, kv_config), config
+                    lambda cfg, cls=cls: construct(cls, cfg, "WORKER", kv_config), config
                 )
         return out
     if server is None:
