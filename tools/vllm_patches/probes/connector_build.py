@@ -45,6 +45,7 @@ from serving import (
     block_hasher,
     bounded,
     drive_worker,
+    error_text,
     geometry,
     hashed_request,
     takes_kv_cache_config,
@@ -72,12 +73,6 @@ def version(name: str) -> str | None:
         return md.version(name)
     except md.PackageNotFoundError:
         return None
-
-
-def error_text(exc: BaseException) -> str:
-    """``Type: message``, one line, without file paths."""
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return re.sub(r" \(/[^)]*\)", "", text)[:300]
 
 
 def unmet(project: str) -> list[str]:

@@ -106,7 +106,7 @@ def module_path_routes(candidates: list[dict[str, Any]]) -> dict[str, str]:
             got = KVConnectorFactory.get_connector_class(config)
             routes[candidate["module"]] = f"{got.__module__}.{got.__qualname__}"
         except Exception as exc:
-            routes[candidate["module"]] = f"error: {type(exc).__name__}: {exc}"
+            routes[candidate["module"]] = f"error: {error_text(exc)}"
     return routes
 
 

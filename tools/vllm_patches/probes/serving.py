@@ -153,6 +153,12 @@ def bounded(step: str, seconds: float | None = None) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
+def error_text(exc: BaseException) -> str:
+    """``Type: message``, one line, without file paths."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return re.sub(r" \(/[^)]*\)", "", text)[:300]
+
+
 def cpu_stop(exc: BaseException) -> str:
     """Why ``exc`` is where a CPU stops the call ('' when it is a real failure): it reached
     the accelerator, or it needs the KV caches that only ``register_kv_caches`` gives."""
@@ -160,7 +166,7 @@ def cpu_stop(exc: BaseException) -> str:
     if device:
         return f"stopped at {device} ({type(exc).__name__}): needs CUDA"
     if "register_kv_caches" in str(exc):
-        return f"stopped: no KV cache is registered ({type(exc).__name__}: {exc})"[:300]
+        return f"stopped: no KV cache is registered ({error_text(exc)})"[:300]
     return ""
 
 
@@ -251,7 +257,7 @@ def drive_worker(worker: Any, metadata: Any, fill: Callable) -> dict[str, str]:
         except Exception as exc:
             stop = cpu_stop(exc)
             if not stop:
-                done[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                done[name] = f"failed: {error_text(exc)}"[:300]
                 break
             done[name] = f"not run here: {stop}"
         else:
@@ -320,7 +326,7 @@ def _geometry_child(build_worker: Callable[[Any], Any], config: Any, mla: bool) 
     except _Sent as sent:
         return {"sent": sent_geometry(sent.strategy), "fields": _fields(sent.strategy)}
     except Exception as exc:
-        return {"error": f"the worker is not built: {type(exc).__name__}: {exc}"[:300]}
+        return {"error": f"the worker is not built: {error_text(exc)}"[:300]}
     return {"error": "the worker was built without handing lmcache a parallel description"}
 
 
@@ -368,7 +374,7 @@ def _in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         except Hang as hang:
             answer = {"error": f"hangs: {hang}"}
         except BaseException as exc:
-            answer = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            answer = {"error": error_text(exc)}
         with os.fdopen(write, "w") as pipe:
             pipe.write(json.dumps(answer, default=str))
         os._exit(0)
