@@ -1,20 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-import ast
 import enum
 import importlib
 import importlib.metadata
-import importlib.util
 import inspect
 import os
-import pkgutil
-import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import regex as re
 import torch
 import zmq
 from lmcache.integration.vllm.utils import mla_enabled
@@ -31,7 +25,6 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import RequestStatus
 from vllm.v1.utils import ConstantList
-from vllm.version import __version_tuple__ as vllm_version_tuple
 
 try:
     from lmcache.integration.vllm.vllm_multi_process_adapter import (
@@ -75,6 +68,8 @@ if TYPE_CHECKING:
 
 logger = lmcache_init_logger(__name__)
 
+_AdapterT = TypeVar("_AdapterT")
+
 
 # Helper functions
 def reformat_block_ids(block_ids: tuple[list[int], ...] | None) -> list[int]:
@@ -117,6 +112,150 @@ def extract_world_size_and_kv_rank(
         return world_size // tp_size, rank // tp_size
 
 
+# What this connector gives lmcache, by the names lmcache's releases use for it.
+# An alternative group (``a|b``) is satisfied by either name; an lmcache that
+# takes none of a group's names, or requires a name not listed, is refused.
+_PARALLEL_STRATEGY_NEEDS = (
+    ("use_mla", "mla_only"),
+    ("kv_world_size", "vllm_world_size"),
+    ("kv_worker_id", "vllm_worker_id"),
+    ("tp_size",),
+    ("pp_size",),
+)
+_ADAPTER_NEEDS = (
+    ("server_url", "server_urls"),
+    ("context",),
+    ("model_name",),
+    ("vllm_block_size",),
+    ("parallel_strategy",),
+)
+_LOAD_STORE_OP_NEEDS = (
+    ("token_ids",),
+    ("block_ids",),
+    ("start",),
+    ("end",),
+    ("skip_first_n_tokens",),
+)
+
+
+def _lmcache_arguments(
+    what: str,
+    accepted: dict[str, bool],
+    values: dict[str, Any],
+    needs: tuple[tuple[str, ...], ...],
+) -> dict[str, Any]:
+    """Pick the keyword arguments of one lmcache call by name.
+
+    ``accepted`` maps each name the call takes to whether it is required.
+    Raises one RuntimeError when the call requires a name this connector does
+    not know or no longer takes one it must give.
+    """
+    known = values.keys() | {name for group in needs for name in group}
+    unknown = [
+        name for name, required in accepted.items() if required and name not in known
+    ]
+    missing = ["|".join(group) for group in needs if not accepted.keys() & set(group)]
+    if unknown or missing:
+        from vllm.version import __version__ as vllm_version
+
+        try:
+            lmcache_version = importlib.metadata.version("lmcache")
+        except importlib.metadata.PackageNotFoundError:
+            lmcache_version = "(unknown version)"
+        change = "; ".join(
+            [f"requires {', '.join(unknown)}"] * bool(unknown)
+            + [f"does not take {', '.join(missing)}"] * bool(missing)
+        )
+        raise RuntimeError(
+            f"vLLM {vllm_version}'s LMCacheMPConnector does not know the "
+            f"adapter API of lmcache {lmcache_version}: its {what} {change}. "
+            "Install an lmcache release whose adapter this vLLM knows "
+            "(0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
+            f"to a connector made for lmcache {lmcache_version}."
+        )
+    return {name: values[name] for name in accepted if name in values}
+
+
+def _dataclass_arguments(
+    cls: type, values: dict[str, Any], needs: tuple[tuple[str, ...], ...]
+) -> dict[str, Any]:
+    """Pick the keyword arguments of one of lmcache's dataclasses by name."""
+    accepted = {
+        f.name: f.default is MISSING and f.default_factory is MISSING
+        for f in fields(cls)
+        if f.init
+    }
+    return _lmcache_arguments(cls.__name__, accepted, values, needs)
+
+
+def _lmcache_parallel_strategy(vllm_config: VllmConfig) -> ParallelStrategy:
+    """Describe this rank to lmcache by the names of ParallelStrategy's fields.
+
+    lmcache 0.4.6 takes the world size and rank with MLA already applied
+    (kv_world_size, kv_worker_id); from 0.4.7 on it takes vLLM's own
+    (vllm_world_size, vllm_worker_id) and applies MLA itself. 0.5.0 added
+    n_servers and 0.5.3 renamed use_mla to mla_only. By position, the same
+    values give a rank another rank's piece of the KV cache.
+    """
+    parallel_config = vllm_config.parallel_config
+    use_mla = mla_enabled(vllm_config.model_config)
+    kv_world_size, kv_worker_id = extract_world_size_and_kv_rank(
+        parallel_config.world_size, parallel_config.rank, vllm_config
+    )
+    values = {
+        "use_mla": use_mla,
+        "mla_only": use_mla,
+        "kv_world_size": kv_world_size,
+        "kv_worker_id": kv_worker_id,
+        "actual_world_size": parallel_config.world_size,
+        "actual_worker_id": parallel_config.rank,
+        "vllm_world_size": parallel_config.world_size,
+        "vllm_worker_id": parallel_config.rank,
+        "tp_size": parallel_config.tensor_parallel_size,
+        "pp_size": parallel_config.pipeline_parallel_size,
+        # This connector talks to one LMCache server.
+        "n_servers": 1,
+    }
+    return ParallelStrategy(
+        **_dataclass_arguments(ParallelStrategy, values, _PARALLEL_STRATEGY_NEEDS)
+    )
+
+
+def _create_lmcache_adapter(
+    adapter_cls: type[_AdapterT],
+    server_url: str,
+    zmq_context: zmq.Context,
+    vllm_config: VllmConfig,
+    mq_timeout: float,
+    heartbeat_interval: float,
+) -> _AdapterT:
+    """Build lmcache's scheduler or worker adapter by its parameters' names.
+
+    lmcache 0.5.0's scheduler adapter takes ``server_urls: list[str]`` where
+    earlier releases, and every worker adapter, take ``server_url: str``.
+    """
+    # The requests this connector will send must fit the installed lmcache too.
+    _dataclass_arguments(LoadStoreOp, {}, _LOAD_STORE_OP_NEEDS)
+    values = {
+        "server_url": server_url,
+        "server_urls": [server_url],
+        "context": zmq_context,
+        "model_name": vllm_config.model_config.model,
+        "vllm_block_size": vllm_config.cache_config.block_size,
+        "parallel_strategy": _lmcache_parallel_strategy(vllm_config),
+        "mq_timeout": mq_timeout,
+        "heartbeat_interval": heartbeat_interval,
+    }
+    accepted = {
+        name: parameter.default is parameter.empty
+        for name, parameter in inspect.signature(adapter_cls).parameters.items()
+        if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+    return adapter_cls(
+        **_lmcache_arguments(adapter_cls.__name__, accepted, values, _ADAPTER_NEEDS)
+    )
+
+
 def create_scheduler_adapter(
     server_url: str,
     zmq_context: zmq.Context,
@@ -124,29 +263,13 @@ def create_scheduler_adapter(
     mq_timeout: float,
     heartbeat_interval: float,
 ) -> LMCacheMPSchedulerAdapter:
-    world_size, kv_rank = extract_world_size_and_kv_rank(
-        vllm_config.parallel_config.world_size,
-        vllm_config.parallel_config.rank,
+    return _create_lmcache_adapter(
+        LMCacheMPSchedulerAdapter,
+        server_url,
+        zmq_context,
         vllm_config,
-    )
-    parallel_strategy = ParallelStrategy(
-        mla_enabled(vllm_config.model_config),
-        world_size,
-        kv_rank,
-        vllm_config.parallel_config.world_size,
-        vllm_config.parallel_config.rank,
-        vllm_config.parallel_config.tensor_parallel_size,
-        vllm_config.parallel_config.pipeline_parallel_size,
-    )
-
-    return LMCacheMPSchedulerAdapter(
-        server_url=server_url,
-        context=zmq_context,
-        model_name=vllm_config.model_config.model,
-        vllm_block_size=vllm_config.cache_config.block_size,
-        parallel_strategy=parallel_strategy,
-        mq_timeout=mq_timeout,
-        heartbeat_interval=heartbeat_interval,
+        mq_timeout,
+        heartbeat_interval,
     )
 
 
@@ -157,29 +280,13 @@ def create_worker_adapter(
     mq_timeout: float,
     heartbeat_interval: float,
 ) -> LMCacheMPWorkerAdapter:
-    world_size, kv_rank = extract_world_size_and_kv_rank(
-        vllm_config.parallel_config.world_size,
-        vllm_config.parallel_config.rank,
+    return _create_lmcache_adapter(
+        LMCacheMPWorkerAdapter,
+        server_url,
+        zmq_context,
         vllm_config,
-    )
-    parallel_strategy = ParallelStrategy(
-        mla_enabled(vllm_config.model_config),
-        world_size,
-        kv_rank,
-        vllm_config.parallel_config.world_size,
-        vllm_config.parallel_config.rank,
-        vllm_config.parallel_config.tensor_parallel_size,
-        vllm_config.parallel_config.pipeline_parallel_size,
-    )
-
-    return LMCacheMPWorkerAdapter(
-        server_url=server_url,
-        context=zmq_context,
-        model_name=vllm_config.model_config.model,
-        vllm_block_size=vllm_config.cache_config.block_size,
-        parallel_strategy=parallel_strategy,
-        mq_timeout=mq_timeout,
-        heartbeat_interval=heartbeat_interval,
+        mq_timeout,
+        heartbeat_interval,
     )
 
 
@@ -649,11 +756,16 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
         This prevents overwrites of paged KV buffer before saving done.
         """
         # In MLA scenario, only the first rank of the pipeline group
-        # needs to save the KV cache.
-        if (
-            self.worker_adapter.use_mla
-            and not self.worker_adapter.is_first_rank_of_pp_group
-        ):
+        # needs to save the KV cache. lmcache 0.4.7 says so in is_kv_writer,
+        # which replaced the adapter's use_mla.
+        if hasattr(self.worker_adapter, "is_kv_writer"):
+            is_kv_writer = self.worker_adapter.is_kv_writer
+        else:
+            is_kv_writer = (
+                not self.worker_adapter.use_mla
+                or self.worker_adapter.is_first_rank_of_pp_group
+            )
+        if not is_kv_writer:
             return
 
         metadata = self._get_connector_metadata()
@@ -1204,449 +1316,41 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
 # At module load time, prefer the external LMCacheMPConnector shipped with the
 # ``lmcache`` package. This avoids forcing users to set
 # ``kv_connector_module_path`` when they only configure ``kv_connector``. If
-# the external module is unavailable, fails to import for any reason, or does
-# not provide a KVConnectorBase_V1 subclass, fall back to the builtin
-# implementation defined above, so that a broken lmcache release never stops
-# vLLM from starting.
+# the external module does not import here, for any reason, or does not give a
+# KVConnectorBase_V1 subclass, fall back to the builtin implementation defined
+# above: it talks to every lmcache adapter it knows by name, and stops with one
+# error at construction where it does not.
 _LMCACHE_MP_CONNECTOR_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
-_ENV_TRUE_VALUES = ("1", "true", "yes", "on")
-_ENV_FALSE_VALUES = ("", "0", "false", "no", "off")
+_TRUE_VALUES = ("1", "true", "yes", "on")
 
 
-def _force_builtin_lmcache_mp_connector() -> bool:
-    """Read ``LMCACHE_USE_UPSTREAM_MP`` as a boolean.
-
-    ``1/true/yes/on`` (any case, surrounding spaces ignored) force the builtin
-    connector; unset, empty and ``0/false/no/off`` prefer lmcache's. Any other
-    value is ignored with a warning.
-    """
-    value = os.environ.get("LMCACHE_USE_UPSTREAM_MP")
-    if value is None:
-        return False
-    normalized = value.strip().lower()
-    if normalized in _ENV_TRUE_VALUES:
-        return True
-    if normalized not in _ENV_FALSE_VALUES:
-        logger.warning(
-            "Ignoring LMCACHE_USE_UPSTREAM_MP=%r: set it to one of %s to force "
-            "the builtin LMCacheMPConnector, or to one of %s (or unset it) to "
-            "prefer lmcache's.",
-            value,
-            "/".join(_ENV_TRUE_VALUES),
-            "/".join(v for v in _ENV_FALSE_VALUES if v),
-        )
-    return False
-
-
-def _lmcache_version() -> str:
+def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
+    """Return the class LMCacheMPConnector names, and why."""
+    if os.environ.get("LMCACHE_USE_UPSTREAM_MP", "").lower() in _TRUE_VALUES:
+        return LMCacheMPConnectorUpstream, "LMCACHE_USE_UPSTREAM_MP is set"
     try:
-        return importlib.metadata.version("lmcache")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-class _ConnectorUnavailableError(Exception):
-    """Why an lmcache connector module cannot be used.
-
-    ``expected`` is set when the module is simply not installed, which is
-    worth an info line rather than a warning.
-    """
-
-    def __init__(self, reason: str, expected: bool = False) -> None:
-        super().__init__(reason)
-        self.expected = expected
-
-
-def _import_lmcache_mp_connector(module_name: str) -> type[KVConnectorBase_V1]:
-    """Import ``LMCacheMPConnector`` from ``module_name``.
-
-    Raises:
-        _ConnectorUnavailableError: the module is not installed, fails to
-            import, or does not define a KVConnectorBase_V1 subclass.
-
-    """
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and f"{module_name}.".startswith(f"{e.name}."):
-            raise _ConnectorUnavailableError(
-                f"{module_name} is not installed", expected=True
-            ) from e
-        raise _ConnectorUnavailableError(
-            f"importing {module_name} failed: {type(e).__name__}: {e}"
-        ) from e
+        module = importlib.import_module(_LMCACHE_MP_CONNECTOR_MODULE)
+        connector = module.LMCacheMPConnector
     except Exception as e:
-        raise _ConnectorUnavailableError(
-            f"importing {module_name} failed: {type(e).__name__}: {e}"
-        ) from e
-    connector_cls = getattr(module, "LMCacheMPConnector", None)
-    if not isinstance(connector_cls, type) or not issubclass(
-        connector_cls, KVConnectorBase_V1
-    ):
-        raise _ConnectorUnavailableError(
-            f"{module_name}.LMCacheMPConnector is {connector_cls!r}, "
-            "not a KVConnectorBase_V1 subclass"
+        return LMCacheMPConnectorUpstream, (
+            f"{_LMCACHE_MP_CONNECTOR_MODULE}: {type(e).__name__}: {e}"
         )
-    return connector_cls
-
-
-# lmcache ships copies of its connector frozen for older vLLM releases, named
-# after the release they were made for: ``lmcache_mp_connector_0201`` was made
-# for vLLM 0.20.1. Its main connector follows vLLM's newest release.
-_LMCACHE_MP_CONNECTOR_PACKAGE = "lmcache.integration.vllm"
-_FROZEN_MODULE_PATTERN = re.compile(r"lmcache_mp_connector_(\d)(\d\d)(\d)")
-# Filled in by _resolve_lmcache_mp_connector(): the module of the class chosen
-# and why, and the error when no connector can be built.
-LMCACHE_MP_CONNECTOR_RESOLUTION: dict[str, str] = {}
-
-
-def _frozen_lmcache_mp_connector_modules() -> list[str]:
-    """Return lmcache's frozen connector modules that may fit this vLLM, best first.
-
-    The module made for this vLLM's minor release comes first, then older
-    ones, newest first, and last the ones made for a newer vLLM, oldest
-    first: the construction check decides whether those can be built here.
-    """
-    try:
-        spec = importlib.util.find_spec(_LMCACHE_MP_CONNECTOR_PACKAGE)
-    except ImportError:
-        return []
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    running = tuple(vllm_version_tuple[:2])
-    bounded = all(isinstance(part, int) for part in running)
-    older: list[tuple[tuple[int, ...], str]] = []
-    newer: list[tuple[tuple[int, ...], str]] = []
-    for module_info in pkgutil.iter_modules(spec.submodule_search_locations):
-        match = _FROZEN_MODULE_PATTERN.fullmatch(module_info.name)
-        if match is None:
-            continue
-        made_for = tuple(int(part) for part in match.groups())
-        found = newer if bounded and made_for[:2] > running else older
-        found.append((made_for, f"{_LMCACHE_MP_CONNECTOR_PACKAGE}.{module_info.name}"))
-    return [name for _, name in sorted(older, reverse=True)] + [
-        name for _, name in sorted(newer)
-    ]
-
-
-def _lmcache_mp_connector_candidates() -> tuple[list[str], bool]:
-    """Return the modules to try, in order, and whether the user named one.
-
-    ``LMCACHE_MP_CONNECTOR_MODULE`` names the only module to try. Otherwise
-    lmcache's main connector comes first, then its frozen copies.
-    """
-    explicit = os.environ.get("LMCACHE_MP_CONNECTOR_MODULE", "").strip()
-    if explicit:
-        return [explicit], True
-    return [
-        _LMCACHE_MP_CONNECTOR_MODULE,
-        *_frozen_lmcache_mp_connector_modules(),
-    ], False
-
-
-def _how_found(module_name: str, explicit: bool) -> str:
-    """Say how ``module_name`` came to be tried, for the log line."""
-    if explicit:
-        return "set by LMCACHE_MP_CONNECTOR_MODULE"
-    if module_name == _LMCACHE_MP_CONNECTOR_MODULE:
-        return "lmcache's main connector"
-    match = _FROZEN_MODULE_PATTERN.fullmatch(module_name.rpartition(".")[2])
-    made_for = ".".join(str(int(part)) for part in match.groups()) if match else "?"
-    return f"lmcache's connector made for vLLM {made_for}"
-
-
-def _brief(reason: str, module_name: str) -> str:
-    """Shorten a rejection reason: no repeated module name, no file paths."""
-    reason = reason.removeprefix(f"importing {module_name} failed: ")
-    return re.sub(r" \(/[^)]*\)", "", reason)
-
-
-def _is_str_expr(node: ast.expr, str_names: set[str]) -> bool:
-    """Tell whether ``node`` is plainly a ``str``.
-
-    That is a literal, an f-string, ``str()``, a concatenation with one, or a
-    name the function annotates or assigns so.
-    """
-    if isinstance(node, ast.Constant):
-        return isinstance(node.value, str)
-    if isinstance(node, ast.JoinedStr):
-        return True
-    if isinstance(node, ast.Name):
-        return node.id in str_names
-    if isinstance(node, ast.Call):
-        return isinstance(node.func, ast.Name) and node.func.id == "str"
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        return _is_str_expr(node.left, str_names) or _is_str_expr(node.right, str_names)
-    return False
-
-
-def _str_names(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
-    """Return the names ``function`` annotates as ``str`` or assigns a string to."""
-    arguments = function.args
-    names = {
-        arg.arg
-        for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
-        if isinstance(arg.annotation, ast.Name) and arg.annotation.id == "str"
-    }
-    for node in ast.walk(function):
-        if isinstance(node, ast.Assign) and _is_str_expr(node.value, names):
-            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return names
-
-
-_CONTAINER_ANNOTATION = re.compile(
-    r"(typing\.)?(list|List|tuple|Tuple|set|Set|frozenset|FrozenSet|dict|Dict)\b"
-)
-
-
-def _rejects_str(annotation: Any) -> bool:
-    """Tell whether a parameter annotated ``annotation`` wants a container.
-
-    ``list[str]`` and ``list[str] | None`` do; ``str``, ``str | list[str]``,
-    ``Sequence[str]``, an unknown type and no annotation do not.
-    """
-    if annotation is inspect.Parameter.empty:
-        return False
-    text = (
-        annotation
-        if isinstance(annotation, str)
-        else inspect.formatannotation(annotation)
-    )
-    text = re.sub(r"^(typing\.)?(Optional|Union)\[(.*)\]$", r"\3", text)
-    members, depth, start = [], 0, 0
-    for index, char in enumerate(text + ","):
-        depth += (char == "[") - (char == "]")
-        if depth == 0 and char in "|,":
-            members.append(text[start:index].strip())
-            start = index + 1
-    members = [m for m in members if m not in ("None", "NoneType")]
-    return bool(members) and all(_CONTAINER_ANNOTATION.match(m) for m in members)
-
-
-def _imported_names(tree: ast.Module) -> dict[str, tuple[str, str]]:
-    """Map each name bound by ``from X import Y [as Z]`` to ``(X, Y)``."""
-    imported: dict[str, tuple[str, str]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            for alias in node.names:
-                imported[alias.asname or alias.name] = (node.module, alias.name)
-    return imported
-
-
-def _str_names_by_call(tree: ast.Module) -> dict[ast.Call, set[str]]:
-    """Map each call to the string names of its innermost function."""
-    str_names: dict[ast.Call, set[str]] = {}
-    # ast.walk goes outside in, so inner functions overwrite their outer ones.
-    for function in ast.walk(tree):
-        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names = _str_names(function)
-            for node in ast.walk(function):
-                if isinstance(node, ast.Call):
-                    str_names[node] = names
-    return str_names
-
-
-def _lmcache_signature(
-    module: ModuleType, name: str, source: tuple[str, str]
-) -> inspect.Signature | None:
-    """Return the signature of the lmcache object ``module`` calls as ``name``.
-
-    That is the object the module really holds, else the one its import names
-    (imported here only from lmcache, for imports inside functions); ``None``
-    when it is not lmcache's or has no signature.
-    """
-    source_module, source_name = source
-    try:
-        target = vars(module).get(name)
-        if target is None and source_module.split(".")[0] == "lmcache":
-            target = getattr(importlib.import_module(source_module), source_name)
-        if not callable(target) or not target.__module__.startswith("lmcache"):
-            return None
-        return inspect.signature(target)
-    except Exception:
-        return None
-
-
-def _call_mismatches(
-    call: ast.Call, name: str, signature: inspect.Signature, str_names: set[str]
-) -> list[str]:
-    """Say why ``call`` cannot be bound to ``signature``, if it cannot."""
-    # With *args or **kwargs, what the call passes is known only in part:
-    # bind what is written, and judge only the types.
-    starred = [i for i, a in enumerate(call.args) if isinstance(a, ast.Starred)]
-    partial = bool(starred) or any(kw.arg is None for kw in call.keywords)
-    args = call.args[: starred[0]] if starred else call.args
-    kwargs = {kw.arg: kw.value for kw in call.keywords if kw.arg is not None}
-    try:
-        if partial:
-            bound = signature.bind_partial(*args, **kwargs)
-        else:
-            bound = signature.bind(*args, **kwargs)
-    except TypeError as e:
-        return [] if partial else [f"{name}() at line {call.lineno}: {e}"]
-    mismatches: list[str] = []
-    for param_name, value in bound.arguments.items():
-        annotation = signature.parameters[param_name].annotation
-        if (
-            isinstance(value, ast.expr)
-            and _is_str_expr(value, str_names)
-            and _rejects_str(annotation)
-        ):
-            mismatches.append(
-                f"{name}() at line {call.lineno}: {param_name} takes "
-                f"{inspect.formatannotation(annotation)}, not a str"
-            )
-    return mismatches
-
-
-def _lmcache_api_mismatches(module: ModuleType) -> list[str]:
-    """Return the calls in ``module`` that the installed lmcache cannot take.
-
-    Every call of an imported class or function that lives in ``lmcache`` is
-    bound to the installed object's signature, without calling anything, and
-    an argument that is plainly a string must go to a parameter that takes
-    one: lmcache 0.5.0 turned the scheduler adapter's ``server_url: str`` into
-    ``server_urls: list[str]``, which a URL string still binds to and is then
-    split into characters (``ZMQError: Invalid argument``). A module whose
-    calls do not fit fails in its constructor. Being static, the check gives
-    the same answer in the scheduler and in every worker.
-    """
-    try:
-        tree = ast.parse(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):
-        return []
-    imported = _imported_names(tree)
-    str_names = _str_names_by_call(tree)
-    mismatches: list[str] = []
-    for node in ast.walk(tree):
-        if not (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in imported
-        ):
-            continue
-        source = imported[node.func.id]
-        signature = _lmcache_signature(module, node.func.id, source)
-        if signature is not None:
-            mismatches += _call_mismatches(
-                node, source[1], signature, str_names.get(node, set())
-            )
-    return mismatches
-
-
-def _check_buildable(connector_cls: type[KVConnectorBase_V1]) -> None:
-    """Check that the module of ``connector_cls`` calls lmcache as it can take.
-
-    Raises:
-        _ConnectorUnavailableError: the first call that does not fit.
-
-    """
-    module = sys.modules.get(connector_cls.__module__)
-    mismatches = _lmcache_api_mismatches(module) if module else []
-    if mismatches:
-        raise _ConnectorUnavailableError(f"cannot be built: {mismatches[0]}")
-
-
-class LMCacheMPConnectorUnavailable(LMCacheMPConnectorUpstream):
-    """Stands for LMCacheMPConnector when no connector can be built here.
-
-    Building it stops vLLM with the resolution's error, which names each
-    candidate's reason and what to do.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(LMCACHE_MP_CONNECTOR_RESOLUTION["error"])
-
-
-def _use_builtin(reason: str) -> type[KVConnectorBase_V1]:
-    """Record and log that vLLM's builtin connector is forced."""
-    LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
-    logger.info(
-        "LMCacheMPConnector: using vLLM's builtin LMCacheMPConnectorUpstream (%s).",
-        reason,
-    )
-    return LMCacheMPConnectorUpstream
-
-
-def _use_lmcache(
-    connector_cls: type[KVConnectorBase_V1], module_name: str, how: str
-) -> type[KVConnectorBase_V1]:
-    """Record and log that lmcache's ``connector_cls`` is used."""
-    LMCACHE_MP_CONNECTOR_RESOLUTION.update(
-        module=module_name, reason=f"lmcache {_lmcache_version()}, {how}"
-    )
-    logger.info(
-        "LMCacheMPConnector: using %s.%s from lmcache %s (%s).",
-        module_name,
-        connector_cls.__qualname__,
-        _lmcache_version(),
-        how,
-    )
-    return connector_cls
-
-
-def _fall_back(rejected: list[str], warn: bool) -> type[KVConnectorBase_V1]:
-    """Use vLLM's builtin connector, or stop vLLM if it cannot be built either."""
-    try:
-        _check_buildable(LMCacheMPConnectorUpstream)
-    except _ConnectorUnavailableError as e:
-        vllm_version = ".".join(str(part) for part in vllm_version_tuple[:3])
-        message = (
-            f"LMCacheMPConnector: no connector can be built with vLLM "
-            f"{vllm_version} and lmcache {_lmcache_version()}: "
-            + "; ".join(rejected)
-            + f"; vLLM's builtin connector: {e}."
-            " Install an lmcache release made for this vLLM release, or set "
-            "LMCACHE_MP_CONNECTOR_MODULE to a connector module that matches the "
-            "installed lmcache."
+    if not (isinstance(connector, type) and issubclass(connector, KVConnectorBase_V1)):
+        return LMCacheMPConnectorUpstream, (
+            f"{_LMCACHE_MP_CONNECTOR_MODULE}: not a KVConnectorBase_V1 subclass"
         )
-        LMCACHE_MP_CONNECTOR_RESOLUTION.update(
-            module=__name__, reason=message, error=message
-        )
-        logger.error("%s", message)
-        return LMCacheMPConnectorUnavailable
-    reason = (
-        f"lmcache {_lmcache_version()}; rejected "
-        + "; ".join(rejected)
-        + "; lmcache's connector is not used, and the builtin one does not "
-        "support the hybrid KV cache manager"
-    )
-    LMCACHE_MP_CONNECTOR_RESOLUTION.update(module=__name__, reason=reason)
-    log = logger.warning if warn else logger.info
-    log(
-        "LMCacheMPConnector: falling back to vLLM's builtin "
-        "LMCacheMPConnectorUpstream (%s).",
-        reason,
-    )
-    return LMCacheMPConnectorUpstream
+    return connector, f"{_LMCACHE_MP_CONNECTOR_MODULE} imports"
 
 
 def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
-    """Return the class ``LMCacheMPConnector`` stands for, and log the choice.
-
-    The first candidate that imports, subclasses KVConnectorBase_V1 and can
-    be built with the installed lmcache wins; otherwise vLLM's builtin.
-    """
-    if _force_builtin_lmcache_mp_connector():
-        return _use_builtin(
-            f"forced by LMCACHE_USE_UPSTREAM_MP={os.environ['LMCACHE_USE_UPSTREAM_MP']}"
-        )
-    candidates, explicit = _lmcache_mp_connector_candidates()
-    rejected: list[str] = []
-    warn = explicit
-    for module_name in candidates:
-        try:
-            connector_cls = _import_lmcache_mp_connector(module_name)
-            _check_buildable(connector_cls)
-        except _ConnectorUnavailableError as e:
-            rejected.append(f"{module_name}: {_brief(str(e), module_name)}")
-            warn = warn or not e.expected
-            continue
-        how = _how_found(module_name, explicit)
-        if rejected:
-            how += "; skipped " + "; ".join(rejected)
-        return _use_lmcache(connector_cls, module_name, how)
-    return _fall_back(rejected, warn)
+    connector, reason = _choose_lmcache_mp_connector()
+    logger.info(
+        "LMCacheMPConnector is %s.%s (%s).",
+        connector.__module__,
+        connector.__qualname__,
+        reason,
+    )
+    return connector
 
 
 LMCacheMPConnector = _resolve_lmcache_mp_connector()
