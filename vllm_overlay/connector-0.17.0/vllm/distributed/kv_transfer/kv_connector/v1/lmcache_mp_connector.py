@@ -6,7 +6,7 @@ import importlib.metadata
 import inspect
 import os
 from collections.abc import Iterable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
@@ -182,7 +182,7 @@ def _dataclass_arguments(
     """Pick the keyword arguments of one of lmcache's dataclasses by name."""
     accepted = {
         f.name: f.default is MISSING and f.default_factory is MISSING
-        for f in fields(cls)
+        for f in (fields(cls) if is_dataclass(cls) else ())
         if f.init
     }
     return _lmcache_arguments(cls.__name__, accepted, values, needs)

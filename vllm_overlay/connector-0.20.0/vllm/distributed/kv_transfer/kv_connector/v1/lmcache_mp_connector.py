@@ -6,7 +6,7 @@ import importlib.metadata
 import inspect
 import os
 from collections.abc import Iterable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
@@ -183,7 +183,7 @@ def _dataclass_arguments(
     """Pick the keyword arguments of one of lmcache's dataclasses by name."""
     accepted = {
         f.name: f.default is MISSING and f.default_factory is MISSING
-        for f in fields(cls)
+        for f in (fields(cls) if is_dataclass(cls) else ())
         if f.init
     }
     return _lmcache_arguments(cls.__name__, accepted, values, needs)
@@ -1318,8 +1318,8 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
 # ``lmcache`` package. This avoids forcing users to set
 # ``kv_connector_module_path`` when they only configure ``kv_connector``.
 # lmcache's main connector is used when it imports here (from lmcache 0.4.7
-# on it needs vLLM 0.22.0). lmcache 0.5.0-0.5.5 also ship copies of it made
-# for older vLLM releases; 0.5.6 deleted them, so the releases each copy was
+# on it needs vLLM 0.22.0). lmcache releases before 0.5.6 also ship copies of it
+# made for older vLLM releases; 0.5.6 deleted them, so the releases each copy was
 # checked to work with are listed here and the list is final. Otherwise the
 # builtin implementation defined above is used: it talks to any lmcache
 # adapter it knows by name and stops with one error at construction where it
@@ -1339,7 +1339,9 @@ _LMCACHE_MP_CONNECTOR_COPIES = (
 def _lmcache_mp_connector_modules() -> list[str]:
     """lmcache's main connector, then its copy made for this vLLM, if good."""
     modules = [_LMCACHE_MP_CONNECTOR_MODULE]
-    release = tuple(int(part) for part in vllm_version_tuple[:3])
+    release = vllm_version_tuple[:3]
+    if not all(isinstance(part, int) for part in release):
+        return modules  # not a release (vLLM could not tell its version)
     for module, (first, end), lmcache_releases in _LMCACHE_MP_CONNECTOR_COPIES:
         if first <= release < end:
             try:
@@ -1363,7 +1365,7 @@ def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
             reasons.append(f"{module_name}: {type(e).__name__}: {e}")
             continue
         if isinstance(connector, type) and issubclass(connector, KVConnectorBase_V1):
-            return connector, f"{module_name} imports"
+            return connector, "; ".join([*reasons, f"{module_name} imports"])
         reasons.append(f"{module_name}: not a KVConnectorBase_V1 subclass")
     return LMCacheMPConnectorUpstream, "; ".join(reasons)
 
