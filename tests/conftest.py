@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -292,3 +293,57 @@ def patched():
     yield _patched
     for site in sites:
         apply(site, revert=True)
+
+
+ADAPTER_FILE = Path("lmcache/integration/vllm/vllm_multi_process_adapter.py")
+
+
+def lmcache_unknown_to_the_builtin(python: Path, root: Path) -> Path:
+    """An lmcache layer whose adapter API no vLLM knows: lmcache 0.5.6, whose ParallelStrategy
+    here also requires ``cp_rank``, installed as lmcache 0.9.0.
+
+    No release is such a one yet, so this is the one changed file, the rest of the real
+    release linked (its server runs as it is).
+    """
+    from vllm_patches.sources.venvs import lmcache_layer
+
+    real = lmcache_layer(python, "0.5.6")
+    layer = root / "lmcache-0.9.0"
+
+    def mirror(rel: Path) -> None:
+        (layer / rel).mkdir(parents=True)
+        for entry in (real / rel).iterdir():
+            sub = rel / entry.name
+            if sub == ADAPTER_FILE:
+                field = "\n    n_servers: int\n"  # ParallelStrategy's
+                text = entry.read_text()
+                assert text.count(field) == 1
+                (layer / sub).write_text(text.replace(field, field + "    cp_rank: int\n"))
+            elif sub in ADAPTER_FILE.parents:
+                mirror(sub)
+            elif not entry.name.endswith(".dist-info"):
+                (layer / sub).symlink_to(entry)
+
+    mirror(Path())
+    (layer / "lmcache-0.9.0.dist-info").mkdir()
+    (layer / "lmcache-0.9.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lmcache\nVersion: 0.9.0\n"
+    )
+    return layer
+
+
+FACTORY_CLASS = Path(__file__).parent / "programs" / "factory_class.py"
+
+
+def factory_class(python: Path, module_path: str, pythonpath: Path) -> dict:
+    """What vLLM's connector factory in ``python`` gives for LMCacheMPConnector with
+    ``kv_connector_module_path=module_path`` (``programs/factory_class.py``)."""
+    proc = subprocess.run(
+        [python, FACTORY_CLASS, module_path],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin", "LMCACHE_LOG_LEVEL": "ERROR"},
+    )
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FACTORY "))
+    return json.loads(line[len("FACTORY ") :])

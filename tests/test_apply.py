@@ -42,7 +42,7 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
     code, out, _ = cli("status", tree)
     upstream = upstream_patches(version)
-    numbers = [f"{n:04d}" for n in range(1, 11)]
+    numbers = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 8, 9, 10)]
     assert out.splitlines() == [
         "patched",
         f"git checkout {tree} (vLLM {version}): "
@@ -57,12 +57,10 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     if "0008" not in upstream:
         factory.append("[KVConnector] Prioritize external connector over internal registry")
     connector = [
-        "[KVConnector][LMCache] Test the construction check of LMCacheMPConnector",
-        "[KVConnector][LMCache] Only pick an LMCacheMPConnector that can be built",
-        "[KVConnector][LMCache] Test the version-aware LMCacheMPConnector resolution",
-        "[KVConnector][LMCache] Pick lmcache's connector built for the running vLLM",
         "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
+        "[KVConnector][LMCache] Test the adapter-aware LMCacheMPConnectorUpstream",
+        "[KVConnector][LMCache] Speak the installed lmcache's adapter API by name",
     ]
     if "0001" not in upstream:
         connector.append(
@@ -309,9 +307,8 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     assert (site / CONNECTOR).read_bytes() == _overlay(manifest, version)
     code, out, _ = cli("status", "--python", python)
     assert code == 0 and out.splitlines()[0] == "patched"
-    assert "0001 applied, 0002 applied, 0004 applied, 0006 applied" in out
-    assert ("0008 upstream" if version == "0.21.0" else "0008 applied") in out
-    assert "0009 applied" in out
+    eight = "upstream" if version == "0.21.0" else "applied"
+    assert f"0001 applied, 0002 applied, 0004 applied, 0008 {eight}, 0009 applied\n" in out
     assert "0003" not in out and "0010" not in out
     assert_record_true(site)
     assert apply_cli("--python", python)[1].endswith("is already patched: nothing to do\n")

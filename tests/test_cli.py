@@ -46,7 +46,7 @@ def test_status_json_and_exit_codes_gate_a_pipeline(plain_tree, cli):
     assert cli("apply", tree)[0] == 0
     code, out, _ = cli("status", tree, "--json")
     data = json.loads(out)
-    assert code == 0 and data["overall"] == "patched" and data["patches"]["0006"] == "applied"
+    assert code == 0 and data["overall"] == "patched" and data["patches"]["0004"] == "applied"
     connector = tree / "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py"
     connector.write_text("# edited\n")
     assert cli("status", tree)[0] == 4

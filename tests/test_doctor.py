@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from vllm_patches.diagnosis.doctor import Diagnosis, diagnose, diagnose_layers
+from conftest import lmcache_unknown_to_the_builtin
+from vllm_patches.diagnosis.doctor import Diagnosis, LiveDiagnosis, diagnose, diagnose_layers
 from vllm_patches.diagnosis.matrix import (
     disagreements,
     merge,
@@ -21,6 +22,8 @@ from vllm_patches.targets.apply import apply
 from vllm_patches.targets.find import installed_vllm
 
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
+VLLM_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
+BUILTIN = f"{VLLM_MODULE}.LMCacheMPConnectorUpstream"
 
 
 @pytest.fixture(scope="module")
@@ -28,48 +31,85 @@ def python():
     return vllm_env("0.21.0", "0.5.3")
 
 
-def _doctor(cli, monkeypatch, python, lmcache):
-    monkeypatch.setenv("PYTHONPATH", str(lmcache_layer(python, lmcache)))
+def _doctor(cli, monkeypatch, python, lmcache, layer=None):
+    monkeypatch.setenv("PYTHONPATH", str(layer or lmcache_layer(python, lmcache)))
     code, out, _ = cli("doctor", "--python", python, "--json")
     return code, json.loads(out)
 
 
 @pytest.mark.slow
-def test_doctor_unpatched_predicts_the_builtins_typeerror(python, cli, monkeypatch):
+def test_doctor_unpatched_reads_the_builtins_typeerror_and_advises_the_series(
+    python, cli, monkeypatch, tmp_path
+):
+    """Nothing static tells whether vLLM 0.21.0's own class starts with lmcache 0.5.0; the
+    pairing table measured this pair (TypeError), and the series' builtin knows its adapter."""
     code, data = _doctor(cli, monkeypatch, python, "0.5.0")
     assert code == 2 and not data["ok"] and data["patched"] is False
-    assert "ParallelStrategy() at line" in data["chosen_error"]
+    assert data["chosen_builds"] is None and data["chosen_error"] == ""
+    assert data["resolution"]["class"] == BUILTIN and data["resolution"]["error"] == ""
     routes = data["module_path_route"]
     assert routes["lmcache.integration.vllm.lmcache_mp_connector_0180"] == FROZEN.format("0180")
+    code, out, _ = cli("doctor", "--python", python)
+    assert code == 2
+    assert (
+        "verdict: will fail when the engine starts, measured with the serving-engine steps "
+        "(pairing table): constructs scheduler: TypeError: ParallelStrategy.__init__() takes 7 "
+        "positional arguments but 8 were given\n"
+    ) in out
+    assert out.endswith(
+        f"fix: apply the series (vllm-patches apply --python PY): it picks {BUILTIN}\n"
+    )
+    # A pair the table never measured: doctor says it cannot tell, not OK.
+    layer = lmcache_unknown_to_the_builtin(python, tmp_path)
+    code, data = _doctor(cli, monkeypatch, python, "", layer)
+    assert code == 2 and data["lmcache"] == "0.9.0" and data["chosen_builds"] is None
+    assert data["resolution"]["error"].startswith("RuntimeError: vLLM 0.21.0+cpu's ")
 
 
 @pytest.mark.slow
-def test_doctor_patched(python, cli, monkeypatch, capsys):
+def test_doctor_patched(python, cli, monkeypatch, tmp_path):
     site = installed_vllm(str(python))
     apply(site)
     try:
-        # lmcache 0.5.0: _0180 passes a URL string where server_urls: list[str] is wanted
-        # (ZMQError when built for real), _0201 and the builtin have ParallelStrategy's old
-        # arity: nothing can be built, and the static check now sees all three.
-        code, data = _doctor(cli, monkeypatch, python, "0.5.0")
-        assert code == 2 and data["chosen"].endswith("LMCacheMPConnectorUnavailable")
-        builds = {c["module"].rsplit("_", 1)[-1]: c["builds"] for c in data["candidates"]}
-        assert builds == {"connector": False, "0201": False, "0180": False}
-        errors = {c["module"].rsplit("_", 1)[-1]: c["error"] for c in data["candidates"]}
-        assert errors["0180"].endswith("server_urls takes list[str], not a str")
+        # lmcache 0.5.0 and 0.5.6: lmcache's main connector needs a newer vLLM, the series
+        # uses no copy with them; the builtin, which knows their adapters by name, builds.
+        for lmcache in ("0.5.0", "0.5.6"):
+            code, data = _doctor(cli, monkeypatch, python, lmcache)
+            assert code == 0 and data["ok"] and data["patched"] is True, lmcache
+            assert data["chosen"] == BUILTIN and data["chosen_builds"] is True
+            assert data["builtin"]["builds"] is True
+            assert data["resolution"] == {
+                "class": BUILTIN,
+                "reason": data["resolution"]["reason"],
+                "error": "",
+            }
+            assert data["resolution"]["reason"].startswith(
+                "lmcache.integration.vllm.lmcache_mp_connector: ImportError: "
+            )
+            # Nothing static tells whether lmcache's own connectors build.
+            assert {c["builds"] for c in data["candidates"]} == {None}
         code, data = _doctor(cli, monkeypatch, python, "0.5.3")
         assert code == 0 and data["ok"] and data["chosen"] == FROZEN.format("0201")
-        code, data = _doctor(cli, monkeypatch, python, "0.5.6")
-        assert code == 2 and data["chosen"].endswith("LMCacheMPConnectorUnavailable")
-        assert (
-            "no connector can be built with vLLM 0.21.0 and lmcache 0.5.6" in data["chosen_error"]
+        # An lmcache whose adapter the builtin does not know: its one error, before it connects.
+        layer = lmcache_unknown_to_the_builtin(python, tmp_path)
+        code, data = _doctor(cli, monkeypatch, python, "", layer)
+        error = (
+            "RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know the adapter API of "
+            "lmcache 0.9.0: its ParallelStrategy requires cp_rank. Install an lmcache release "
         )
+        assert code == 2 and data["chosen"] == BUILTIN and data["chosen_builds"] is False
+        assert data["chosen_error"].startswith(error)
+        assert data["builtin"]["builds"] is False and data["builtin"]["error"].startswith(error)
         code, out, _ = cli("doctor", "--python", python)
-        assert code == 2 and "verdict: will fail when the engine starts: " in out
+        assert code == 2 and f"verdict: will fail when the engine starts: {error}" in out
         # The advice comes from the pairing table shipped in matrix/matrix.json.
         working = starts_with(shipped(), "0.21.0", "patched")
         assert f"fix: with the series applied, install lmcache {working}\n" in out
         assert "0.5.2\N{EN DASH}0.5.5 (_0201)" in working  # 0.5.3 among them
+        assert out.endswith(
+            "fix: or run vllm-patches doctor --live: it builds each of lmcache's connectors "
+            "here, and says how to name one that works\n"
+        )
     finally:
         apply(site, revert=True)
 
@@ -88,7 +128,10 @@ def test_two_shards_merged_equal_the_unsharded_run(python):
         "(addr='t'); and the wrong geometry: rank 1 of TP 2, mla on: "
     )
     assert cell["patched"]["steps"]["block hashes"] == 32
-    assert verdict(whole["cells"]["0.21.0|0.5.6"], "patched") == "clear error"
+    # lmcache 0.5.6: its main connector needs a newer vLLM and it ships no copies; the
+    # builtin speaks its adapter API by name.
+    assert verdict(whole["cells"]["0.21.0|0.5.6"], "patched") == "works"
+    assert whole["cells"]["0.21.0|0.5.6"]["patched"]["chosen"] == BUILTIN
     assert disagreements(whole) == []
 
 
@@ -132,42 +175,100 @@ def test_doctor_warns_when_vllms_pins_are_not_met(python, tmp_path):
     assert "warning: transformers 4.0.0 is installed, vllm needs " in "\n".join(diagnosis.lines())
 
 
-def test_doctor_advises_each_copy_that_builds_newer_ones_too_in_the_probes_order():
-    """One fix per candidate that builds, none for one that does not, in the order the probe
-    reported them (the probe lists them as the series tries them). A copy made for a newer
-    vLLM (0180, 0201 on 0.17.1) is tried last by the series (patch 0006), not never, so it is
-    advised too."""
+def _works(module: str) -> dict:
+    return {"module": module, "constructs_scheduler": True, "verdict": "works"}
 
-    def candidate(suffix: str, *, builds: bool = True) -> dict:
-        module = f"lmcache.integration.vllm.lmcache_mp_connector_{suffix}"
-        return {"module": module, "imports": True, "subclass": True, "builds": builds, "error": ""}
 
+@pytest.mark.parametrize(
+    ("vllm", "patched", "how"),
+    [
+        ("0.17.1+cpu", True, "name it"),
+        ("0.21.0+cpu", False, "name it"),  # vLLM honours kv_connector_module_path from 0.20.0
+        (
+            "0.17.1+cpu",
+            False,
+            "apply the series (vllm-patches apply --python PY; vLLM 0.17.1 ignores "
+            "kv_connector_module_path without it), then name it",
+        ),
+    ],
+)
+def test_doctor_live_names_each_lmcache_connector_that_works_in_the_probes_order(
+    vllm, patched, how
+):
+    """One fix per lmcache connector that worked when built for real, in the order the probe
+    reported them, each named with kv_connector_module_path as that vLLM takes it; none for
+    one that failed, nor for vLLM's own class."""
+    module = "lmcache.integration.vllm.lmcache_mp_connector{}"
     # Deliberately neither sorted nor reverse-sorted: only keeping the given order passes.
-    order = ("0180", "0170", "0201")
+    order = ("_0180", "_0170", "_0201")
     data = {
-        "vllm": "0.17.1+cpu",
+        "vllm": vllm,
         "lmcache": "0.5.3",
-        "patched": True,
+        "patched": patched,
         "candidates": [
-            candidate("0180"),
-            candidate("main", builds=False),
-            *map(candidate, order[1:]),
+            _works(module.format("_0180")),
+            {**_works(module.format("")), "verdict": "fails"},
+            _works(module.format("_0170")),
+            _works(module.format("_0201")),
+            {**_works(VLLM_MODULE), "builtin": True},
         ],
-        "chosen_builds": False,
-        "chosen_error": "LMCacheMPConnector: no connector can be built",
+        "chosen": BUILTIN,
+        "chosen_build": {"constructs_scheduler": False, "verdict": "fails", "error": "x"},
     }
-    assert Diagnosis(data).fixes() == [
-        f"set LMCACHE_MP_CONNECTOR_MODULE={candidate(s)['module']}" for s in order
+    assert LiveDiagnosis(data).fixes() == [
+        f"{module.format(s)} works here: {how} with --kv-transfer-config "
+        f'\'{{"kv_connector":"LMCacheMPConnector","kv_connector_module_path":"{module.format(s)}",'
+        "...}'"
+        for s in order
     ]
 
 
-BUILTIN_CLASS = (
-    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnector"
-)
+def test_doctor_names_the_table_and_doctor_live_where_the_series_builtin_does_not_build():
+    error = "RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know the adapter API"
+    data = {
+        "vllm": "0.21.0+cpu",
+        "lmcache": "0.9.0",
+        "patched": True,
+        "candidates": [],
+        "resolution": {"class": BUILTIN, "reason": "r", "error": error},
+        "chosen": BUILTIN,
+        "chosen_builds": False,
+        "chosen_error": error,
+    }
+    diagnosis = Diagnosis(data)
+    assert not diagnosis.ok
+    assert diagnosis.lines()[-3:] == [
+        f"verdict: will fail when the engine starts: {error}",
+        "fix: with the series applied, install lmcache "
+        + starts_with(shipped(), "0.21.0", "patched"),
+        "fix: or run vllm-patches doctor --live: it builds each of lmcache's connectors here, "
+        "and says how to name one that works",
+    ]
+    # Unpatched, the same lmcache: the series would not help, nothing static tells.
+    unpatched = {**data, "patched": False, "chosen": UNPATCHED, "chosen_builds": None}
+    diagnosis = Diagnosis({**unpatched, "chosen_error": ""})
+    assert not diagnosis.ok
+    assert diagnosis.lines()[-3:] == [
+        "verdict: not checked: nothing static tells whether vLLM 0.21.0+cpu's own connector "
+        "starts with lmcache 0.9.0, and the pairing table has not measured them together",
+        "fix: check it here with vllm-patches doctor --live",
+        "fix: or with the series applied, install lmcache "
+        + starts_with(shipped(), "0.21.0", "patched"),
+    ]
+    # ... and where the series' choice passes, applying it is the fix.
+    passes = {**unpatched, "resolution": {"class": BUILTIN, "reason": "r", "error": ""}}
+    assert Diagnosis(passes).lines()[-1] == (
+        f"fix: or apply the series (vllm-patches apply --python PY): it picks {BUILTIN}"
+    )
 
 
-def _static(vllm: str, lmcache: str, *, patched: bool, chosen: str) -> Diagnosis:
-    """What the static probe says where the chosen class passes its construction check."""
+UNPATCHED = f"{VLLM_MODULE}.LMCacheMPConnector"
+
+
+def _static(
+    vllm: str, lmcache: str, *, patched: bool, chosen: str, builds: bool | None = True
+) -> Diagnosis:
+    """What the static probe says where the chosen class does not fail its static check."""
     return Diagnosis(
         {
             "vllm": f"{vllm}+cpu",
@@ -176,16 +277,16 @@ def _static(vllm: str, lmcache: str, *, patched: bool, chosen: str) -> Diagnosis
             "candidates": [],
             "patched": patched,
             "chosen": chosen,
-            "chosen_builds": True,
+            "chosen_builds": builds,
             "chosen_error": "",
         }
     )
 
 
 def test_static_doctor_fails_where_the_table_measured_a_hang_it_cannot_see():
-    """vLLM 0.16.0's builtin with lmcache 0.4.6 constructs, so the static check passes; the
-    pairing table, built with hashed requests, measured that its first lookup never returns."""
-    diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=BUILTIN_CLASS)
+    """vLLM 0.16.0's own class with lmcache 0.4.6, which nothing static can check; the pairing
+    table, built with hashed requests, measured that its first lookup never returns."""
+    diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=UNPATCHED, builds=None)
     assert diagnosis.measured["verdict"] == "hangs"
     assert not diagnosis.ok
     lines = diagnosis.lines()
@@ -210,9 +311,22 @@ def test_static_doctor_fails_where_the_table_measured_the_wrong_geometry():
 
 
 def test_static_doctor_trusts_its_own_check_where_the_table_chose_another_class():
-    # Here LMCACHE_MP_CONNECTOR_MODULE (say) picked lmcache's main connector: not what the
-    # table measured for this pairing, so the table's verdict does not apply.
+    # Here a class the table did not measure for this pairing (lmcache's main connector, as
+    # a vLLM whose resolution picks it would): the table's verdict does not apply.
     chosen = "lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector"
     diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=chosen)
     assert diagnosis.measured == {}
     assert diagnosis.ok and diagnosis.lines()[-1] == "verdict: OK"
+
+
+def test_static_doctor_reads_a_failure_the_table_measured_where_nothing_static_tells():
+    diagnosis = _static("0.21.0", "0.5.0", patched=False, chosen=UNPATCHED, builds=None)
+    assert diagnosis.measured["verdict"] == "fails" and not diagnosis.ok
+    assert diagnosis.lines()[-3] == (
+        "verdict: will fail when the engine starts, measured with the serving-engine steps "
+        "(pairing table): constructs scheduler: TypeError: ParallelStrategy.__init__() takes 7 "
+        "positional arguments but 8 were given"
+    )
+    # ... and one it measured working.
+    diagnosis = _static("0.21.0", "0.4.6", patched=False, chosen=UNPATCHED, builds=None)
+    assert diagnosis.measured["verdict"] == "works" and diagnosis.ok

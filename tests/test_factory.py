@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import factory_class
 from vllm_patches.sources.venvs import vllm_env
 from vllm_patches.targets.apply import apply, status
 from vllm_patches.targets.find import installed_vllm
@@ -16,19 +14,6 @@ pytestmark = pytest.mark.slow
 
 FACTORY = "vllm/distributed/kv_transfer/kv_connector/factory.py"
 BUILTIN_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
-PROGRAM = Path(__file__).parent / "programs" / "factory_class.py"
-
-
-def factory_class(python, module_path: str, pythonpath) -> dict:
-    proc = subprocess.run(
-        [python, PROGRAM, module_path],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin", "LMCACHE_LOG_LEVEL": "ERROR"},
-    )
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FACTORY "))
-    return json.loads(line[len("FACTORY ") :])
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import json
 import subprocess
 
 import pytest
+from conftest import lmcache_unknown_to_the_builtin
 from vllm_patches.diagnosis.doctor import live_check
 from vllm_patches.diagnosis.servers import ServerPool
 from vllm_patches.sources.venvs import lmcache_layer, vllm_env
@@ -46,34 +47,44 @@ def test_unpatched_0_21_0_with_lmcache_0_5_3_fails_and_doctor_live_says_so(cli):
     code, out, _ = cli("doctor", "--live", "--python", python)
     assert code == 2
     assert "verdict: will fail when the engine starts: constructs scheduler: TypeError" in out
-    assert f"fix: apply the series (vllm-patches apply --python PY): it picks {MAIN}_0201" in out
+    # vLLM 0.21.0 honours kv_connector_module_path (#38301): the copy that works, named.
+    assert out.endswith(
+        f"fix: {MAIN}_0201 works here: name it with --kv-transfer-config "
+        f'\'{{"kv_connector":"LMCacheMPConnector","kv_connector_module_path":"{MAIN}_0201",...}}\'\n'
+    )
 
 
 def test_patched_0_19_1_with_lmcache_0_5_3_constructs_both_roles_and_answers_a_lookup(patched):
     python = patched("0.19.1", "0.5.3")
     diagnosis = live_check(python)
     assert diagnosis.ok, diagnosis.lines()
-    # _0180 passes its URL string where lmcache 0.5 wants a list: the resolution now skips it.
-    assert diagnosis.data["chosen"] == f"{MAIN}_0201.LMCacheMPConnector"
-    assert "server_urls takes list[str], not a str" in diagnosis.data["resolution"]["reason"]
+    # lmcache's main connector needs a newer vLLM and no copy was measured on 0.19.1 (_0180
+    # passes its URL string where lmcache 0.5 wants a list): the builtin, which speaks 0.5.3's
+    # adapter API by name.
+    assert diagnosis.data["chosen"] == f"{BUILTIN}.LMCacheMPConnectorUpstream"
+    assert diagnosis.data["resolution"]["class"] == diagnosis.data["chosen"]
+    assert diagnosis.data["resolution"]["reason"].startswith(
+        f"{MAIN}: ImportError: cannot import name 'KVCacheSpecKind'"
+    )
     assert "ZMQError" in _by_module(diagnosis.data)[f"{MAIN}_0180"]["error"]
     chosen = diagnosis.chosen
     assert chosen["constructs_scheduler"] and chosen["constructs_worker"]
     assert chosen["scheduler_round_trip"]
 
 
-def test_where_nothing_works_the_clear_error_and_doctor_live_fails(patched, cli, monkeypatch):
+def test_an_adapter_the_builtin_does_not_know_stops_it_and_doctor_live_fails(
+    patched, cli, monkeypatch, tmp_path
+):
     python = patched("0.21.0", "0.5.3")
-    monkeypatch.setenv("PYTHONPATH", str(lmcache_layer(python, "0.5.6")))
+    monkeypatch.setenv("PYTHONPATH", str(lmcache_unknown_to_the_builtin(python, tmp_path)))
     code, out, _ = cli("doctor", "--live", "--python", python, "--json")
     data = json.loads(out)
-    assert code == 2 and data["lmcache"] == "0.5.6"
+    assert code == 2 and data["lmcache"] == "0.9.0"
     assert not any(c.get("scheduler_round_trip") for c in data["candidates"])
-    assert data["chosen"].endswith("LMCacheMPConnectorUnavailable")
-    error = data["chosen_build"]["error"]
-    assert error.startswith(
-        "constructs scheduler: RuntimeError: LMCacheMPConnector: no connector can be built "
-        "with vLLM 0.21.0 and lmcache 0.5.6"
+    assert data["chosen"] == f"{BUILTIN}.LMCacheMPConnectorUpstream"
+    assert data["chosen_build"]["error"].startswith(
+        "constructs scheduler: RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know "
+        "the adapter API of lmcache 0.9.0: its ParallelStrategy requires cp_rank."
     )
 
 

@@ -1,17 +1,22 @@
 """Proof on real installs: vLLM built from its sdist (CPU, ``empty`` target) + a real lmcache.
 
 Fakes are used only where no real lmcache gives the case: a module that raises at import, or
-that exports the wrong type; and on vLLM 0.12.0, whose lmcache has no MP connector at all.
+that exports the wrong type; on vLLM 0.12.0, whose lmcache has no MP connector at all; and an
+adapter API no vLLM knows (lmcache 0.5.6 with one more required field).
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import factory_class, lmcache_unknown_to_the_builtin
+from vllm_patches.diagnosis.live import model_dir
 from vllm_patches.diagnosis.probe import probe, resolution_line
+from vllm_patches.probes import PROBES
 from vllm_patches.series.manifest import CONNECTOR
 from vllm_patches.sources.venvs import lmcache_layer, vllm_env
 from vllm_patches.targets.apply import apply, status
@@ -30,17 +35,12 @@ FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
 MAIN = f"{LMCACHE_MODULE}.LMCacheMPConnector"
 # What the patched resolution picks with the venv's own lmcache: the builtin on 0.12.0
 # (lmcache 0.3.9.post2 has no MP connector); lmcache 0.5.3's _0201 on 0.21.0 (its main module
-# needs a newer vLLM; _0201 imports and its calls bind; the builtin's do not); lmcache 0.5.6's
-# main connector on 0.33.0.
+# needs a newer vLLM; _0201 is the copy measured to work there with 0.5.2-0.5.5); lmcache
+# 0.5.6's main connector on 0.33.0.
 DEFAULT = {"0.12.0": BUILTIN, "0.21.0": FROZEN.format("0201"), "0.33.0": MAIN}
-UNAVAILABLE = (
-    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector"
-    ".LMCacheMPConnectorUnavailable"
-)
-# ... and when lmcache's main module is broken: on 0.33.0 nothing (lmcache 0.5.6 ships no
-# frozen copies, and vLLM 0.33.0's builtin cannot be built with it: `server_urls`), so the
-# one clear error where upstream would fall back to a builtin that fails at engine start.
-FALLBACK = {**DEFAULT, "0.33.0": UNAVAILABLE}
+# ... and when lmcache's main module is broken: on 0.33.0 the builtin (lmcache 0.5.6 ships no
+# copies), which speaks 0.5.6's adapter API by name.
+FALLBACK = {**DEFAULT, "0.33.0": BUILTIN}
 # Unpatched: vLLM's own class before #42596, lmcache's main connector after it.
 UNPATCHED_CLASS = {"0.12.0": UNPATCHED, "0.21.0": UNPATCHED, "0.33.0": MAIN}
 GOOD = """
@@ -116,28 +116,25 @@ def test_default_resolution_with_real_lmcache(patched):
     assert result.ok and result.cls == DEFAULT[version]
     assert result.factory_is_cls and result.subclass
     line = _clean(result.log)
+    assert "INFO" in line and f"LMCacheMPConnector is {DEFAULT[version]} (" in line
     if version == "0.33.0":
-        assert "INFO" in line
-        assert f"using {MAIN} from lmcache 0.5.6 (lmcache's main connector)" in line
+        assert line.endswith(f"({LMCACHE_MODULE} imports).")
     elif version == "0.12.0":
-        # lmcache 0.3.9.post2 has no MP connector: the quiet, info-level fallback.
-        assert "INFO" in line and f"{LMCACHE_MODULE} is not installed" in line
+        # lmcache 0.3.9.post2 has no MP connector.
+        assert f"({LMCACHE_MODULE}: ModuleNotFoundError: No module named " in line
     else:
-        # lmcache 0.5.3's main module needs vLLM >= 0.23 (KVCacheSpecKind); its frozen _0201
-        # imports and binds: lmcache's real connector, where upstream's resolution gives the
-        # builtin (which cannot even be built with lmcache 0.5.3).
-        assert "INFO" in line and "using lmcache.integration.vllm.lmcache_mp_connector_0201" in line
-        assert (
-            f"skipped {LMCACHE_MODULE}: ImportError: cannot import name 'KVCacheSpecKind'" in line
-        )
+        # lmcache 0.5.3's main module needs vLLM >= 0.23 (KVCacheSpecKind); its _0201 imports:
+        # lmcache's real connector, where upstream's resolution gives the builtin.
+        assert f"({LMCACHE_MODULE}: ImportError: cannot import name 'KVCacheSpecKind'" in line
+        assert line.endswith(f"; {LMCACHE_MODULE}_0201 imports).")
 
 
-@pytest.mark.parametrize("value", ["1", "true", " ON "])
+@pytest.mark.parametrize("value", ["1", "true", "ON"])
 def test_env_forces_builtin(patched, value):
     _, python, _, _ = patched
     result = probe(python, {"LMCACHE_USE_UPSTREAM_MP": value})
     assert result.cls == BUILTIN and result.factory_is_cls
-    assert "forced by LMCACHE_USE_UPSTREAM_MP" in _clean(result.log)
+    assert _clean(result.log).endswith(f"{BUILTIN} (LMCACHE_USE_UPSTREAM_MP is set).")
 
 
 def test_env_zero_does_not_force(patched, tmp_path):
@@ -165,7 +162,7 @@ def test_importable_lmcache_module_wins(patched, tmp_path):
     )
     assert result.ok and result.cls == expected
     assert result.factory == expected and result.factory_is_cls and result.subclass
-    assert "using " in _clean(result.log)
+    assert f"LMCacheMPConnector is {expected} ({LMCACHE_MODULE} imports)." in _clean(result.log)
 
 
 @pytest.mark.parametrize(
@@ -181,12 +178,12 @@ def test_broken_lmcache_module_falls_back(patched, tmp_path, source, reason):
     assert result.ok, "importing vLLM's module must keep working"
     assert result.cls == FALLBACK[version] and result.factory_is_cls and result.subclass
     line = _clean(result.log)
-    assert reason in line
-    assert {BUILTIN: "WARNING", UNAVAILABLE: "ERROR"}.get(FALLBACK[version], "INFO") in line
+    assert "INFO" in line and f"LMCacheMPConnector is {FALLBACK[version]} (" in line
+    assert f"({LMCACHE_MODULE}: {reason}" in line
 
 
 def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
-    """Why 0002 exists: with 0001 alone, a RuntimeError at import stops vLLM."""
+    """Why 0004 exists: with 0001 alone, a RuntimeError at import stops vLLM."""
     version, python, site, _ = patched
     # Put the 0001-only file in place for this one probe.
     from vllm_patches.series.manifest import PATCHES_DIR, load_manifest
@@ -227,67 +224,68 @@ def vllm_021():
     apply(site, revert=True)
 
 
-def test_lmcache_050_stops_with_the_clear_error(vllm_021):
-    """Built for real against lmcache 0.5.0's server, nothing works on 0.21.0 (_0180:
-    ZMQError, a URL string for server_urls; _0201 and the builtin: ParallelStrategy's arity):
-    the static check sees all three."""
+def test_lmcache_050_gets_the_builtin(vllm_021):
+    """lmcache 0.5.0: its main module needs a newer vLLM, and no copy of it was measured to
+    work on 0.21.0 (_0180: ZMQError, _0201: ParallelStrategy's arity): the builtin, which
+    speaks 0.5.0's adapter API by name."""
     result = probe(vllm_021, pythonpath=[lmcache_layer(vllm_021, "0.5.0")])
-    assert result.ok and result.cls.endswith(".LMCacheMPConnectorUnavailable")
+    assert result.ok and result.cls == BUILTIN
     line = _clean(result.log)
-    assert "no connector can be built with vLLM 0.21.0 and lmcache 0.5.0" in line
-    assert "lmcache_mp_connector_0180: cannot be built: LMCacheMPSchedulerAdapter() at line" in line
-    assert "server_urls takes list[str], not a str" in line
-    assert "lmcache_mp_connector_0201: cannot be built: ParallelStrategy() at line" in line
+    assert f"({LMCACHE_MODULE}: ImportError: cannot import name 'KVCacheSpecKind'" in line
+    assert "_0180" not in line and "_0201" not in line
 
 
-def test_lmcache_056_stops_with_one_clear_error(vllm_021):
-    """lmcache 0.5.6: no frozen copies, main module needs vLLM >= 0.23, builtin cannot build."""
-    layer = lmcache_layer(vllm_021, "0.5.6")
+BUILD = """
+import sys
+sys.path.insert(0, {probes!r})
+from connector_build import construct, error_text, kv_cache_config, vllm_config
+import vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector as m
+config = vllm_config({model!r}, "tcp://127.0.0.1:1")
+for role in ("SCHEDULER", "WORKER"):
+    try:
+        construct(m.LMCacheMPConnector, config, role, kv_cache_config(config))
+    except Exception as exc:
+        print("ERROR", role, error_text(exc))
+"""
+
+
+def test_an_adapter_the_builtin_does_not_know_stops_it_with_one_error(vllm_021, tmp_path):
+    """The module imports (doctor, tools) and resolves to the builtin; constructing it, as the
+    engine does for each role, stops before it connects with one error naming both versions
+    and what to do."""
+    layer = lmcache_unknown_to_the_builtin(vllm_021, tmp_path)
     result = probe(vllm_021, pythonpath=[layer])
-    assert result.ok, "importing vLLM's module must still work (doctor, tools)"
-    assert result.cls.endswith(".LMCacheMPConnectorUnavailable") and result.subclass
-    line = _clean(result.log)
-    assert "ERROR" in line
-    assert "no connector can be built with vLLM 0.21.0 and lmcache 0.5.6" in line
-    assert "KVCacheSpecKind" in line and "vLLM's builtin connector: cannot be built" in line
-    assert "set LMCACHE_MP_CONNECTOR_MODULE" in line
-    import subprocess
-
+    assert result.ok and result.cls == BUILTIN
     build = subprocess.run(
-        [
-            vllm_021,
-            "-c",
-            (
-                "import vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector as m\n"
-                "m.LMCacheMPConnector(None, None)"
-            ),
-        ],
-        env={"PYTHONPATH": str(layer), "PATH": "/usr/bin:/bin"},
+        [vllm_021, "-c", BUILD.format(probes=str(PROBES), model=str(model_dir()))],
+        env={"PYTHONPATH": str(layer), "PATH": "/usr/bin:/bin", "LMCACHE_LOG_LEVEL": "ERROR"},
         capture_output=True,
         text=True,
+        check=True,
     )
-    assert build.returncode == 1
-    assert "RuntimeError: LMCacheMPConnector: no connector can be built" in build.stderr
+    error = (
+        "RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know the adapter API of "
+        "lmcache 0.9.0: its ParallelStrategy requires cp_rank. Install an lmcache release whose "
+        "adapter this vLLM knows (0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
+        "to a connector made for lmcache 0.9.0."
+    )
+    errors = [line for line in build.stdout.splitlines() if line.startswith("ERROR ")]
+    assert errors == [f"ERROR SCHEDULER {error}", f"ERROR WORKER {error}"]
 
 
 @pytest.mark.parametrize(
-    "module, expected, reason",
+    ("module", "expected"),
     [
-        ("lmcache.integration.vllm.lmcache_mp_connector_0201", FROZEN.format("0201"), "set by"),
-        (
-            "lmcache.integration.vllm.lmcache_mp_connector_0180",
-            "LMCacheMPConnectorUnavailable",
-            "server_urls takes list[str], not a str",
-        ),
-        ("no_such_module", "LMCacheMPConnectorUnavailable", "no_such_module is not installed"),
-        ("json", "LMCacheMPConnectorUnavailable", "json.LMCacheMPConnector is None"),
+        (f"{LMCACHE_MODULE}_0201", FROZEN.format("0201")),
+        # The user's choice is taken as it is, even a copy the resolution would not pick.
+        (f"{LMCACHE_MODULE}_0180", FROZEN.format("0180")),
+        ("no_such_module", "ModuleNotFoundError: No module named 'no_such_module'"),
     ],
 )
-def test_explicit_module_override(vllm_021, module, expected, reason):
-    result = probe(vllm_021, {"LMCACHE_MP_CONNECTOR_MODULE": module})
-    assert result.ok and result.cls.endswith(expected)
-    line = _clean(result.log)
-    assert reason in line
-    # The user's choice is the only candidate: no other frozen copy is tried instead.
-    others = {"_0180", "_0201"} - {module[-5:]}
-    assert not any(f"lmcache_mp_connector{o}" in line for o in others)
+def test_kv_connector_module_path_names_the_module(vllm_021, tmp_path, module, expected):
+    got = factory_class(vllm_021, module, tmp_path)
+    if module == "no_such_module":
+        assert got["error"].startswith(expected)
+    else:
+        log = f"{expected}, from kv_connector_module_path={module}"
+        assert got == {"cls": expected, "log": log}

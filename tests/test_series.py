@@ -65,7 +65,7 @@ def test_manifest_covers_every_release(manifest):
     assert not set(SUPPORTED) & set(manifest.unsupported)  # supported or refused, not both
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
-    every = [f"{n:04d}" for n in range(1, 11)]
+    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 8, 9, 10)]
     for version in SUPPORTED:
         upstream = upstream_patches(version)
         assert manifest.releases[version].upstream == tuple(sorted(upstream))

@@ -52,7 +52,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     proc = run_tool(project, "prepare-upstream-pr", "--out", out, *subset)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(
-        "title: [KVConnector][LMCache] Harden the LMCacheMPConnector resolution\n"
+        "title: [KVConnector][LMCache] Speak the installed lmcache's adapter API by name\n"
     )
 
     tree = out / "vllm"
@@ -60,7 +60,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
         tree, "log", "--format=%an <%ae>%x00%B%x01", f"v{base}..lmcache-mp-connector-hardening"
     )
     commits = [c.strip() for c in log.split("\x01") if c.strip()]
-    assert len(commits) == 2
+    assert len(commits) == 4
     for commit in commits:
         author, message = commit.split("\x00")
         assert author == SUBMITTER
@@ -69,7 +69,20 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
         assert message.splitlines()[-1] == f"Signed-off-by: {SUBMITTER}"
         assert "Co-authored-by" not in message
         assert "Upstream-Status" not in message and "Last-Update" not in message
-    assert sorted(p.name[:4] for p in (out / "patches").glob("*.patch")) == ["0001", "0002"]
+    # The builtin class, its tests, the resolution, its tests: the series' 0002-0005.
+    subjects = [c.split("\x00")[1].splitlines()[0] for c in commits[::-1]]
+    assert subjects == [
+        "[KVConnector][LMCache] Speak the installed lmcache's adapter API by name",
+        "[KVConnector][LMCache] Test the adapter-aware LMCacheMPConnectorUpstream",
+        "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
+        "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
+    ]
+    assert sorted(p.name[:4] for p in (out / "patches").glob("*.patch")) == [
+        "0001",
+        "0002",
+        "0003",
+        "0004",
+    ]
 
     checks = (out / "checks.txt").read_text()
     for hook in ("ruff-check", "ruff-format", "typos", "mypy", "check-spdx-header",
@@ -82,7 +95,8 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     headings = re.findall(r"^## .+$", template, re.MULTILINE)
     assert re.findall(r"^## .+$", pr, re.MULTILINE) == headings
     assert "- [ ] AI assistance was used during the creation of this PR." in pr
-    assert "New tests: 22 passed of 22; regressions: 0." in pr
+    new = re.search(r"New tests: (\d+) passed of (\d+); regressions: 0\.", pr)
+    assert new and new[1] == new[2] and int(new[1]) > 0
     assert "KVCacheSpecKind" in pr  # the measured lmcache 0.5.6 on vLLM 0.21.0 example
     (tmp_path / "PR.md").write_text(pr)
 
@@ -92,14 +106,14 @@ def test_an_unformatted_change_fails_the_checks_and_leaves_nothing(tmp_path, ide
     project = project_copy(tmp_path, "9.9.9")
     (patch,) = (project / "patches/connector-0.31.0").glob("0002-*.patch")
     text = patch.read_text()
-    assert text.count("\n+import importlib\n") == 1
-    patch.write_text(text.replace("\n+import importlib\n", "\n+import   importlib\n"))
+    assert text.count("\n+import inspect\n") == 1
+    patch.write_text(text.replace("\n+import inspect\n", "\n+import   inspect\n"))
     out = tmp_path / "pr"
     proc = run_tool(project, "prepare-upstream-pr", "--out", out)
     assert proc.returncode == 1
     # vLLM's ruff-check hook (isort, with --fix) is the first to catch it.
     assert re.search(r"^ruff-check\.+Failed$", proc.stdout, re.MULTILINE)
-    assert "-import   importlib\n+import importlib\n" in proc.stdout
+    assert "-import   inspect\n+import inspect\n" in proc.stdout
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: vLLM's checks fail on the change (ruff-check); fix the patches and run the "
         "command again; nothing was kept"

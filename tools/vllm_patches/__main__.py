@@ -285,8 +285,9 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
 
 REBASE_HELP = "Carry the series onto another vLLM release with git am -3 (needs a clone)."
 UPSTREAM_HELP = (
-    "Prepare 0002 + 0003 as a pull request against vLLM's newest supported release (needs a "
-    "clone, with its contrib extras)."
+    "Prepare 0002-0005 (the adapter-aware builtin class, the hardened resolution, their tests) "
+    "as a pull request against vLLM's newest supported release (needs a clone, with its "
+    "contrib extras)."
 )
 
 

@@ -56,14 +56,31 @@ def _brief(error: str) -> str:
     return re.sub(r" \(/[^)]*\)", "", error)
 
 
+def _module_path_fix(module: str, vllm_version: str, *, patched: bool) -> str:
+    """How to name ``module`` for ``LMCacheMPConnector``: ``kv_connector_module_path``, which
+    vLLM honours from vllm-project/vllm#38301 on, and with the series applied (0008)."""
+    release = Version(vllm_version)
+    backport = load_manifest().patches["0008"]
+    how = "name it"
+    if not patched and release.release < Version(backport.first_release).release:
+        how = (
+            f"apply the series (vllm-patches apply --python PY; vLLM {release.public} ignores "
+            "kv_connector_module_path without it), then name it"
+        )
+    config = {"kv_connector": "LMCacheMPConnector", "kv_connector_module_path": module}
+    shown = json.dumps(config, separators=(",", ":"))[:-1] + ",...}"
+    return f"{module} works here: {how} with --kv-transfer-config '{shown}'"
+
+
 class StaticCandidate(TypedDict):
     """One candidate as ``probes/doctor_static.py`` checked it (no server, no device)."""
 
     module: str
     imports: bool
     subclass: bool
-    builds: bool
-    """The series' construction check passed (static)."""
+    builds: bool | None
+    """The series' builtin passed its construction-time name checks of the installed lmcache's
+    adapter API; None where no static check tells (lmcache's connectors, vLLM's own class)."""
     error: str
 
 
@@ -75,12 +92,17 @@ class StaticDiagnosis(TypedDict, total=False):
     vllm_unmet: list[str]
     import_error: str
     checked: bool
+    """The series' code could be asked (vLLM's module patched, or the overlay file imported)."""
     candidates: list[StaticCandidate]
     patched: bool
     builtin: StaticCandidate
     chosen: str
     resolution: dict[str, str]
-    chosen_builds: bool
+    """What the series picks here (``class``), ``reason``, and its builtin's ``error``
+    (``''`` unless it picks the builtin and that fails); on vLLM unpatched, once applied."""
+    chosen_builds: bool | None
+    """The chosen class passes the static check; None: no static check tells (vLLM's own
+    class, unpatched), the pairing table may."""
     chosen_error: str
     module_path_route: dict[str, str]
 
@@ -107,11 +129,13 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
-        return (
-            "import_error" not in self.data
-            and bool(self.data.get("chosen_builds"))
-            and self.measured.get("verdict") not in BAD_VERDICTS
-        )
+        """The chosen class passes the static check and the table measured nothing against
+        it, or the table measured that it works."""
+        data = self.data
+        if "import_error" in data or data.get("chosen_builds") is False:
+            return False
+        verdict = self.measured.get("verdict")
+        return verdict == "works" if verdict else data.get("chosen_builds") is True
 
     def fixes(self) -> list[str]:
         """What to do when the verdict fails."""
@@ -121,21 +145,21 @@ class Diagnosis:
                 f"vLLM {data['vllm']}'s connector module does not import with lmcache "
                 f"{data['lmcache']}; install an lmcache release of this vLLM's time"
             ]
-        working = [c["module"] for c in data["candidates"] if c["builds"]]
-        fixes = []
-        if data.get("patched"):
-            fixes += [f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working]
-        elif working:
-            fixes.append("apply the series (vllm-patches apply --python PY): it picks one of these")
-            routes = data.get("module_path_route", {})
-            fixes += [
-                f"or set kv_connector_module_path={m} in --kv-transfer-config"
-                for m in working
-                if routes.get(m) == f"{m}.LMCacheMPConnector"
-            ]
-        if not working:
-            fixes.append(_lmcache_advice(data["vllm"]))
-        return fixes
+        series = self._series_fix()
+        if series:
+            return [series]
+        return [
+            _lmcache_advice(str(data["vllm"])),
+            "or run vllm-patches doctor --live: it builds each of lmcache's connectors here, "
+            "and says how to name one that works",
+        ]
+
+    def _series_fix(self) -> str:
+        """Apply the series, where vLLM is unpatched and what the series picks passes ('')."""
+        series = self.data.get("resolution", {})
+        if self.data.get("patched") or not series or series["error"]:
+            return ""
+        return f"apply the series (vllm-patches apply --python PY): it picks {series['class']}"
 
     def lines(self) -> list[str]:
         data = self.data
@@ -147,7 +171,7 @@ class Diagnosis:
             out.append(f"vLLM's lmcache_mp_connector: {state}")
         out += [f"warning: {unmet}" for unmet in data.get("vllm_unmet", [])]
         for candidate in [*data["candidates"], *([data["builtin"]] if "builtin" in data else [])]:
-            keys = ("imports", "subclass", "builds")
+            keys = ("imports", "subclass", "builds")[: 2 if candidate["builds"] is None else 3]
             shown = keys[: next((i + 1 for i, k in enumerate(keys) if not candidate[k]), 3)]
             flags = ", ".join(f"{k} {'yes' if candidate[k] else 'no'}" for k in shown)
             error = f" ({_brief(candidate['error'])})" if candidate["error"] else ""
@@ -156,28 +180,46 @@ class Diagnosis:
             out.append(f"LMCacheMPConnector resolves to {data['chosen']}")
             for module, got in data.get("module_path_route", {}).items():
                 out.append(f"  kv_connector_module_path={module} -> {got}")
-        measured = self.measured
-        if self.ok:
-            out.append("verdict: OK")
-        elif data.get("chosen_builds") and "import_error" not in data:
-            steps = measured.get("steps", {})
-            why = steps.get("geometry error") or measured.get("error", "")
-            out.append(
-                "verdict: it starts, but measured with the serving-engine steps (pairing "
-                f"table) {MEASURED_FAILURE[measured['verdict']]}: {_brief(str(why))}"
-            )
-            out.append(f"fix: {_lmcache_advice(str(data['vllm']))}")
-            out.append("fix: or check it here with vllm-patches doctor --live")
-        else:
-            error = data.get("chosen_error") or data.get("import_error", "")
-            out.append(f"verdict: will fail when the engine starts: {_brief(error)}")
-            out += [f"fix: {fix}" for fix in self.fixes()]
+        out += self._verdict()
         return out
+
+    def _verdict(self) -> list[str]:
+        """The verdict line and its fixes."""
+        data = self.data
+        measured = self.measured
+        verdict = measured.get("verdict")
+        if self.ok:
+            return ["verdict: OK"]
+        if "import_error" in data or data.get("chosen_builds") is False:
+            error = data.get("chosen_error") or data.get("import_error", "")
+            lines = [f"verdict: will fail when the engine starts: {_brief(error)}"]
+        elif verdict in BAD_VERDICTS:
+            why = measured.get("steps", {}).get("geometry error") or measured.get("error", "")
+            return [
+                "verdict: it starts, but measured with the serving-engine steps (pairing "
+                f"table) {MEASURED_FAILURE[verdict]}: {_brief(str(why))}",
+                f"fix: {_lmcache_advice(str(data['vllm']))}",
+                "fix: or check it here with vllm-patches doctor --live",
+            ]
+        elif verdict:
+            lines = [
+                "verdict: will fail when the engine starts, measured with the serving-engine "
+                f"steps (pairing table): {_brief(str(measured.get('error', '')))}"
+            ]
+        else:
+            return [
+                f"verdict: not checked: nothing static tells whether vLLM {data['vllm']}'s own "
+                f"connector starts with lmcache {data['lmcache']}, and the pairing table has "
+                "not measured them together",
+                "fix: check it here with vllm-patches doctor --live",
+                f"fix: or {self._series_fix() or _lmcache_advice(str(data['vllm']))}",
+            ]
+        return lines + [f"fix: {fix}" for fix in self.fixes()]
 
 
 def _overlay_for(version: str) -> str | None:
-    """The series' connector file for vLLM ``version`` (where doctor takes the check from
-    when that vLLM is not patched); None for a release without a series."""
+    """The series' connector file for vLLM ``version`` (whose code doctor asks when that vLLM
+    is not patched); None for a release without a series."""
     try:
         release = load_manifest().release(version)
     except PatchToolError:
@@ -255,22 +297,14 @@ class LiveDiagnosis:
                 f"release as this environment ({data.get('lmcache')}); the message queue does "
                 "not tell a server's release, and a server of another release may not answer"
             ]
-        working = [c["module"] for c in data.get("candidates", []) if works(c)]
-        if data.get("patched"):
-            fixes = [
-                f"set LMCACHE_MP_CONNECTOR_MODULE={m}" for m in working if m.startswith("lmcache")
-            ]
-        elif working:
-            fixes = [
-                "apply the series (vllm-patches apply --python PY): it picks "
-                + " or ".join(working)
-                + ", which works here"
-            ]
-        else:
-            fixes = []
-        if not working and data.get("vllm"):
-            fixes.append(_lmcache_advice(data["vllm"]))
-        return fixes
+        working = [
+            c["module"] for c in data.get("candidates", []) if works(c) and not c.get("builtin")
+        ]
+        if not data.get("vllm"):
+            return []
+        vllm = str(data["vllm"])
+        fixes = [_module_path_fix(m, vllm, patched=bool(data.get("patched"))) for m in working]
+        return fixes or [_lmcache_advice(vllm)]
 
     def lines(self) -> list[str]:
         data = self.data

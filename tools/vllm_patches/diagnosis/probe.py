@@ -46,9 +46,13 @@ def probe(
     return Resolution(**data, log=proc.stderr + proc.stdout)
 
 
+RESOLUTION_LOGS = ("LMCacheMPConnector is ", "LMCacheMPConnector from", "Upstream in vLLM")
+"""What the resolution's log line holds: the series' (0004), or one of vLLM 0.22.0's."""
+
+
 def resolution_line(log: str) -> str:
-    """The resolution's one log line, without colours."""
+    """The resolution's one log line."""
     for line in log.splitlines():
-        if "LMCacheMPConnector: " in line or "LMCacheMPConnector from" in line:
+        if any(text in line for text in RESOLUTION_LOGS):
             return line
     return ""

@@ -55,7 +55,8 @@ OPT_125M_CONFIG = {
 }
 GPU_HINTS = ("cuda", "gpu", "nvidia", "nccl", "device type", "triton")
 RESOLUTION_TESTS = "test_lmcache_mp_connector_resolution"
-"""The series' test file of the resolution (0003, 0005, 0007): what goes upstream with 0002."""
+"""The series' test file of the builtin class and the resolution (0003, 0005): what goes
+upstream with 0002 and 0004."""
 SERIES_TESTS = (RESOLUTION_TESTS, "test_kv_connector_factory_module_path")
 """The series' own test files in vLLM's tree; 0010 tests the factory."""
 
@@ -257,7 +258,7 @@ def run_vllm_tests(
     work.mkdir(parents=True, exist_ok=True)
     src = _sources(version, work)
     tests = {p: d for p, d in change.items() if not p.startswith("vllm/")}
-    # New test files (the series' 0003, 0005, 0007, 0010) run only patched.
+    # New test files (the series' 0003 and 0005, 0010) run only patched.
     new_tests = [p for p in tests if not (src / p).is_file()]
     paths = paths or [UNIT_DIR]
     extra = [p for p in new_tests if not any(p.startswith(d.rstrip("/") + "/") for d in paths)]

@@ -106,6 +106,16 @@ def lmcache_modules() -> list[str]:
     return [f"{PACKAGE}.{n}" for n in ["lmcache_mp_connector", *frozen] if n in names]
 
 
+def resolution(module: Any) -> dict[str, str]:
+    """The class the series' ``_choose_lmcache_mp_connector()`` in ``module`` picks, and why;
+    ``{}`` for a module without it (vLLM unpatched)."""
+    choose = getattr(module, "_choose_lmcache_mp_connector", None)
+    if choose is None:
+        return {}
+    cls, reason = choose()
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "reason": reason}
+
+
 def fill(target: Any, known: dict[str, Any]) -> Any:
     """Call ``target`` with the ``known`` arguments it takes; other required ones get None."""
     kwargs = {}
@@ -374,6 +384,14 @@ def build(cls: type, config: Any, kv_config: Any, request_id: str, info: dict[st
     info["seconds"] = round(time.monotonic() - started, 1)
 
 
+def builtin_name(vllm_module: Any) -> str:
+    """The name of vLLM's own class in its connector module: ``LMCacheMPConnectorUpstream``
+    where a resolution (the series, or vLLM 0.22.0's) gives ``LMCacheMPConnector`` another."""
+    if hasattr(vllm_module, "LMCacheMPConnectorUpstream"):
+        return "LMCacheMPConnectorUpstream"
+    return "LMCacheMPConnector"
+
+
 def candidate(module_name: str, class_name: str, base: type) -> tuple[dict[str, Any], Any]:
     """Import ``module_name.class_name`` and check it is a connector class."""
     info: dict[str, Any] = {"module": module_name, "imports": False, "subclass": False}
@@ -409,15 +427,13 @@ def diagnose(server: str | None, model_dir: str, *, geometry_only: bool = False)
     except Exception as exc:
         out["import_error"] = error_text(exc)
     else:
-        patched = hasattr(vllm_module, "LMCacheMPConnectorUpstream")
-        out["patched"] = patched
-        builtin = "LMCacheMPConnectorUpstream" if patched else "LMCacheMPConnector"
-        info, cls = candidate(VLLM_MODULE, builtin, KVConnectorBase_V1)
+        out["patched"] = hasattr(vllm_module, "_choose_lmcache_mp_connector")
+        info, cls = candidate(VLLM_MODULE, builtin_name(vllm_module), KVConnectorBase_V1)
         info["builtin"] = True
         found.append((info, cls))
         chosen = vllm_module.LMCacheMPConnector
         out["chosen"] = f"{chosen.__module__}.{chosen.__qualname__}"
-        out["resolution"] = dict(getattr(vllm_module, "LMCACHE_MP_CONNECTOR_RESOLUTION", {}))
+        out["resolution"] = resolution(vllm_module)
         found.append(({"module": out["chosen"], "chosen": True}, chosen))
     out["candidates"] = [info for info, _ in found if not info.get("chosen")]
     if geometry_only:

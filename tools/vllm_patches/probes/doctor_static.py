@@ -6,8 +6,10 @@ and ``overlay`` (the series' connector file for this vLLM release, or null). vLL
 once; a child is forked per layer and prints one ``DOCTOR {json}`` line; the parent prints
 ``LAYER i exit code N``.
 
-The construction check is the series' own (patch 0006): taken from vLLM's module when it is
-patched, else from the overlay file, imported as a module of its own.
+The series' own code is asked (patch 0004's ``_choose_lmcache_mp_connector()``, patch 0002's
+name checks): from vLLM's module when it is patched, else from the overlay file, imported as
+a module of its own (what the series would do here). lmcache's connectors are checked only
+for importing and subclassing; nothing static can tell more of them.
 
 Its reader is ``diagnosis/doctor.py``, typed there as ``StaticDiagnosis``.
 """
@@ -16,33 +18,47 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 # Run by path, this file's directory is first on sys.path: its sibling imports as a module.
 from connector_build import (
+    NO_SERVER,
     VLLM_MODULE,
+    builtin_name,
     error_text,
     lmcache_modules,
     per_layer,
+    resolution,
     unmet,
     version,
 )
 
-Check = Callable[[ModuleType], list[str]]
+SERIES_MODULE = "vllm_lmcache_mp_series"
+"""The name the overlay file is imported under when vLLM's own module is not patched."""
+STAND_IN_CONFIG = SimpleNamespace(
+    model_config=SimpleNamespace(model="doctor", use_mla=False),  # lmcache's mla_enabled reads
+    cache_config=SimpleNamespace(block_size=16),
+    parallel_config=SimpleNamespace(
+        world_size=1, rank=0, tensor_parallel_size=1, pipeline_parallel_size=1
+    ),
+)
+"""What the series' name checks read of a VllmConfig: one rank, no MLA."""
 
 
-def series_check(vllm_module: ModuleType | None, overlay: str | None) -> Check | None:
-    """The series' ``_lmcache_api_mismatches``; None when neither place can give it."""
-    found = getattr(vllm_module, "_lmcache_api_mismatches", None)
-    if found is not None or overlay is None:
-        return found
-    spec = importlib.util.spec_from_file_location("vllm_lmcache_mp_series", overlay)
+def series_module(vllm_module: ModuleType | None, overlay: str | None) -> ModuleType | None:
+    """The series' connector module: vLLM's when patched, else the overlay file imported as
+    ``SERIES_MODULE``; None when neither can be had."""
+    if hasattr(vllm_module, "_choose_lmcache_mp_connector"):
+        return vllm_module
+    if overlay is None:
+        return None
+    spec = importlib.util.spec_from_file_location(SERIES_MODULE, overlay)
     if spec is None or spec.loader is None:
         return None
     module = importlib.util.module_from_spec(spec)
@@ -57,18 +73,38 @@ def series_check(vllm_module: ModuleType | None, overlay: str | None) -> Check |
             del os.environ["LMCACHE_USE_UPSTREAM_MP"]
         else:
             os.environ["LMCACHE_USE_UPSTREAM_MP"] = previous
-    return module._lmcache_api_mismatches
+    return module
 
 
-def row(module_name: str, class_name: str, check: Check | None) -> dict[str, Any]:
-    """Import, subclass and (statically) build one candidate."""
+def stand_in(adapter: type) -> type:
+    """A class with ``adapter``'s name and signature whose construction does nothing."""
+    namespace = {"__signature__": inspect.signature(adapter), "__init__": lambda _, **__: None}
+    return type(adapter.__name__, (), namespace)
+
+
+def adapter_error(series: ModuleType) -> str:
+    """What the series' builtin raises at construction with the installed lmcache before it
+    connects ('' if nothing): its own name checks of ParallelStrategy, LoadStoreOp and both
+    adapters (``_create_lmcache_adapter``), with stand-ins for the adapters themselves."""
+    try:
+        for adapter in (series.LMCacheMPSchedulerAdapter, series.LMCacheMPWorkerAdapter):
+            series._create_lmcache_adapter(
+                stand_in(adapter), NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0
+            )
+    except Exception as exc:
+        return error_text(exc)
+    return ""
+
+
+def row(module_name: str, class_name: str) -> dict[str, Any]:
+    """Import one candidate and check that it is a connector class."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
     info: dict[str, Any] = {
         "module": module_name,
         "imports": False,
         "subclass": False,
-        "builds": False,
+        "builds": None,
         "error": "",
     }
     try:
@@ -81,10 +117,6 @@ def row(module_name: str, class_name: str, check: Check | None) -> dict[str, Any
     info["subclass"] = isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)
     if not info["subclass"]:
         info["error"] = f"{class_name} is {cls!r}, not a KVConnectorBase_V1 subclass"
-        return info
-    mismatches = check(sys.modules[cls.__module__]) if check else []
-    info["builds"] = not mismatches
-    info["error"] = mismatches[0] if mismatches else ""
     return info
 
 
@@ -110,8 +142,20 @@ def module_path_routes(candidates: list[dict[str, Any]]) -> dict[str, str]:
     return routes
 
 
+def series_choice(series: ModuleType, error: str) -> dict[str, str]:
+    """What the series picks here, why, and the builtin's ``error`` where it picks that."""
+    chosen = resolution(series)
+    builtin = f"{series.__name__}.LMCacheMPConnectorUpstream"
+    is_builtin = chosen["class"] == builtin
+    chosen["class"] = chosen["class"].replace(f"{SERIES_MODULE}.", f"{VLLM_MODULE}.")
+    chosen["error"] = error if is_builtin else ""
+    return chosen
+
+
 def diagnose(overlay: str | None) -> dict[str, Any]:
     """Everything doctor says about the vLLM and lmcache importable here."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
     out: dict[str, Any] = {"vllm": version("vllm"), "lmcache": version("lmcache")}
     out["vllm_unmet"] = unmet("vllm") if out["vllm"] else []
     try:
@@ -119,25 +163,29 @@ def diagnose(overlay: str | None) -> dict[str, Any]:
     except Exception as exc:
         out["import_error"] = error_text(exc)
         vllm_module = None
-    check = series_check(vllm_module, overlay)
-    out["checked"] = check is not None
-    out["candidates"] = [row(m, "LMCacheMPConnector", check) for m in lmcache_modules()]
+    series = series_module(vllm_module, overlay)
+    out["checked"] = series is not None
+    out["candidates"] = [row(m, "LMCacheMPConnector") for m in lmcache_modules()]
     if vllm_module is None:
         return out
-    patched = hasattr(vllm_module, "LMCacheMPConnectorUpstream")
+    patched = vllm_module is series
     out["patched"] = patched
-    builtin = "LMCacheMPConnectorUpstream" if patched else "LMCacheMPConnector"
-    out["builtin"] = row(VLLM_MODULE, builtin, check)
+    error = adapter_error(series) if series is not None else ""
+    if series is not None:
+        out["resolution"] = series_choice(series, error)
+    builtin = builtin_name(vllm_module)
+    out["builtin"] = row(VLLM_MODULE, builtin)
+    if patched and out["builtin"]["subclass"]:
+        out["builtin"]["builds"], out["builtin"]["error"] = not error, error
     cls = vllm_module.LMCacheMPConnector
     out["chosen"] = f"{cls.__module__}.{cls.__qualname__}"
-    resolution = dict(getattr(vllm_module, "LMCACHE_MP_CONNECTOR_RESOLUTION", {}))
-    out["resolution"] = resolution
-    if "error" in resolution:
-        out["chosen_builds"], out["chosen_error"] = False, resolution["error"]
-    else:
-        mismatches = check(sys.modules[cls.__module__]) if check else []
-        out["chosen_builds"] = not mismatches
-        out["chosen_error"] = mismatches[0] if mismatches else ""
+    if cls is getattr(vllm_module, builtin):
+        # The series' builtin: its name checks; vLLM's own, unpatched: nothing static tells.
+        out["chosen_builds"] = not error if patched else None
+        out["chosen_error"] = error if patched else ""
+    else:  # lmcache's class: what the resolution checks of it
+        out["chosen_builds"] = isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)
+        out["chosen_error"] = "" if out["chosen_builds"] else "not a KVConnectorBase_V1 subclass"
     out["module_path_route"] = module_path_routes(out["candidates"])
     return out
 

@@ -1,6 +1,7 @@
 """Prepare the follow-up to vllm-project/vllm#42596 as a pull request against vLLM.
 
-Patches 0002 (hardened resolution) and 0003 (its tests) become commits on a branch of a
+Patches 0002 (the builtin class speaks the installed lmcache's adapter API by name), 0003 (its
+tests), 0004 (the hardened resolution) and 0005 (its tests) become commits on a branch of a
 pinned checkout, in vLLM's style (title tags, no downstream trailers, AI attribution,
 DCO sign-off by the submitter). vLLM's own hooks and tests run on them, and the
 ``git format-patch`` series and ``PR.md`` (the checkout's template, filled) are written.
@@ -32,7 +33,7 @@ from vllm_patches.series.hooks import HookResult, run_hooks
 from vllm_patches.series.manifest import REPO_ROOT, load_manifest
 from vllm_patches.sources.releases import checkout
 
-PR_PATCHES = ("0002", "0003")
+PR_PATCHES = ("0002", "0003", "0004", "0005")
 DOWNSTREAM_TRAILERS = re.compile(
     r"^(Upstream-Status|Forwarded|Last-Update|Origin|Applied-Upstream|Bug|Gbp-Pq|"
     r"Signed-off-by|Co-authored-by): .*\n",

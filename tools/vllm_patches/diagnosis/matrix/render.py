@@ -126,7 +126,7 @@ against what it must). Every step runs under a 30 s bound.
 
 *works*: every step did; *HANGS*: a step did not return within its bound (the frame it blocked
 in is named); *WRONG GEOMETRY*: a tensor-parallel worker would read and write the wrong KV
-pieces; *clear error*: the series' stand-in stopped at connector creation with its one error,
+pieces; *clear error*: the series stopped at connector creation with its one error,
 because no candidate works; *FAILS*: the engine would die (the first error is named); *not
 built*: no server of that lmcache release runs here. Not measured (no GPU): registering the KV
 caches, the KV transfer itself, GPU KV formats, a cache hit returning the same tokens; on a

@@ -47,9 +47,14 @@ def short_name(module: str) -> str:
     )
 
 
+CLEAR_ERROR = "LMCacheMPConnector does not know the adapter API of lmcache"
+"""What the series' builtin says when built with an lmcache whose adapter it does not know."""
+
+
 def clear_error(info: Cell) -> bool:
-    """Whether a side resolved to the series' stand-in that stops with the one clear error."""
-    return "Unavailable" in str(info.get("chosen", ""))
+    """Whether a side stops with the series' one clear error at connector creation: its
+    builtin's (0002), or the stand-in an earlier series resolved to (cells measured before)."""
+    return "Unavailable" in str(info.get("chosen", "")) or CLEAR_ERROR in str(info.get("error"))
 
 
 def connector_name(info: Cell) -> str:
@@ -152,8 +157,8 @@ def any_works(cell: Cell) -> bool:
 def disagreements(result: dict) -> list[str]:
     """Patched cells where the resolution's choice differs from the real builds.
 
-    Where some candidate works, the chosen one must work; where none does, the series' stand-in
-    must stop with the clear error (or vLLM's connector module does not import at all, which
+    Where some candidate works, the chosen one must work; where none does, the series must stop
+    with the clear error (or vLLM's connector module does not import at all, which
     :func:`counts` reports apart: no resolution runs there).
     """
     found = []
