@@ -7,7 +7,7 @@ import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import torch
 import zmq
@@ -40,17 +40,14 @@ try:
         from lmcache.v1.multiprocess.custom_types import (
             BlockAllocationRecord as RequestAllocationRecord,
         )
-except ImportError:
-    from lmcache.v1.multiprocess.custom_types import (
-        BlockAllocationRecord as RequestAllocationRecord,
-    )
-
-    from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_integration import (
-        LMCacheMPSchedulerAdapter,
-        LMCacheMPWorkerAdapter,
-        LoadStoreOp,
-        ParallelStrategy,
-    )
+    _LMCACHE_ADAPTER_ERROR: ImportError | None = None
+except ImportError as e:
+    # lmcache before 0.4.4 has no adapter this class speaks (no ParallelStrategy),
+    # nor has vLLM's lmcache_integration here. The module still imports with it;
+    # constructing the class says what is missing.
+    _LMCACHE_ADAPTER_ERROR = e
+    LMCacheMPSchedulerAdapter = LMCacheMPWorkerAdapter = LoadStoreOp = Any
+    ParallelStrategy = RequestAllocationRecord = Any
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
@@ -138,6 +135,23 @@ _LOAD_STORE_OP_NEEDS = (
 )
 
 
+def _unknown_lmcache_api(what: str, change: str) -> NoReturn:
+    """Raise the one error for an lmcache adapter API this connector does not know."""
+    from vllm.version import __version__ as vllm_version
+
+    try:
+        lmcache_version = importlib.metadata.version("lmcache")
+    except importlib.metadata.PackageNotFoundError:
+        lmcache_version = "(unknown version)"
+    raise RuntimeError(
+        f"vLLM {vllm_version}'s LMCacheMPConnector does not know the "
+        f"adapter API of lmcache {lmcache_version}: its {what} {change}. "
+        "Install an lmcache release whose adapter this vLLM knows "
+        "(0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
+        f"to a connector made for lmcache {lmcache_version}."
+    )
+
+
 def _lmcache_arguments(
     what: str,
     accepted: dict[str, bool],
@@ -156,23 +170,11 @@ def _lmcache_arguments(
     ]
     missing = ["|".join(group) for group in needs if not accepted.keys() & set(group)]
     if unknown or missing:
-        from vllm.version import __version__ as vllm_version
-
-        try:
-            lmcache_version = importlib.metadata.version("lmcache")
-        except importlib.metadata.PackageNotFoundError:
-            lmcache_version = "(unknown version)"
         change = "; ".join(
             [f"requires {', '.join(unknown)}"] * bool(unknown)
             + [f"does not take {', '.join(missing)}"] * bool(missing)
         )
-        raise RuntimeError(
-            f"vLLM {vllm_version}'s LMCacheMPConnector does not know the "
-            f"adapter API of lmcache {lmcache_version}: its {what} {change}. "
-            "Install an lmcache release whose adapter this vLLM knows "
-            "(0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
-            f"to a connector made for lmcache {lmcache_version}."
-        )
+        _unknown_lmcache_api(what, change)
     return {name: values[name] for name in accepted if name in values}
 
 
@@ -234,6 +236,10 @@ def _create_lmcache_adapter(
     lmcache 0.5.0's scheduler adapter takes ``server_urls: list[str]`` where
     earlier releases, and every worker adapter, take ``server_url: str``.
     """
+    if _LMCACHE_ADAPTER_ERROR is not None:
+        _unknown_lmcache_api(
+            "multi-process adapter", f"does not import ({_LMCACHE_ADAPTER_ERROR})"
+        )
     # The requests this connector will send must fit the installed lmcache too.
     _dataclass_arguments(LoadStoreOp, {}, _LOAD_STORE_OP_NEEDS)
     values = {

@@ -7,7 +7,7 @@ import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 
 import torch
 import zmq
@@ -138,6 +138,23 @@ _LOAD_STORE_OP_NEEDS = (
 )
 
 
+def _unknown_lmcache_api(what: str, change: str) -> NoReturn:
+    """Raise the one error for an lmcache adapter API this connector does not know."""
+    from vllm.version import __version__ as vllm_version
+
+    try:
+        lmcache_version = importlib.metadata.version("lmcache")
+    except importlib.metadata.PackageNotFoundError:
+        lmcache_version = "(unknown version)"
+    raise RuntimeError(
+        f"vLLM {vllm_version}'s LMCacheMPConnector does not know the "
+        f"adapter API of lmcache {lmcache_version}: its {what} {change}. "
+        "Install an lmcache release whose adapter this vLLM knows "
+        "(0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
+        f"to a connector made for lmcache {lmcache_version}."
+    )
+
+
 def _lmcache_arguments(
     what: str,
     accepted: dict[str, bool],
@@ -156,23 +173,11 @@ def _lmcache_arguments(
     ]
     missing = ["|".join(group) for group in needs if not accepted.keys() & set(group)]
     if unknown or missing:
-        from vllm.version import __version__ as vllm_version
-
-        try:
-            lmcache_version = importlib.metadata.version("lmcache")
-        except importlib.metadata.PackageNotFoundError:
-            lmcache_version = "(unknown version)"
         change = "; ".join(
             [f"requires {', '.join(unknown)}"] * bool(unknown)
             + [f"does not take {', '.join(missing)}"] * bool(missing)
         )
-        raise RuntimeError(
-            f"vLLM {vllm_version}'s LMCacheMPConnector does not know the "
-            f"adapter API of lmcache {lmcache_version}: its {what} {change}. "
-            "Install an lmcache release whose adapter this vLLM knows "
-            "(0.4.6 to 0.5.6 were checked), or set kv_connector_module_path "
-            f"to a connector made for lmcache {lmcache_version}."
-        )
+        _unknown_lmcache_api(what, change)
     return {name: values[name] for name in accepted if name in values}
 
 
