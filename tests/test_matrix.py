@@ -26,6 +26,9 @@ from vllm_patches.sources.venvs import default_lmcache, lmcache_layer
 
 SHIPPED = json.loads((REPO_ROOT / "matrix" / "matrix.json").read_text())
 FROZEN = "lmcache.integration.vllm.lmcache_mp_connector_{}.LMCacheMPConnector"
+BUILTIN = (
+    "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.LMCacheMPConnectorUpstream"
+)
 
 
 def _cell(works: bool, chosen: str, conflicts: tuple[str, ...] = (), *, earlier=False) -> dict:
@@ -54,45 +57,40 @@ def test_the_readme_shows_the_shipped_table_per_release():
 
 def test_the_shipped_table_says_what_was_built_for_real():
     cells = SHIPPED["cells"]
-    # vLLM 0.21.0 + lmcache 0.5.3 (MEASURED.md): builtin TypeError, _0180 ZMQError, _0201 works.
+    # vLLM 0.21.0 + lmcache 0.5.3 (MEASURED.md): builtin TypeError, _0180 ZMQError, _0201 works;
+    # patched, the builtin speaks lmcache's adapter by name and works too, and _0201 (made for
+    # this vLLM, measured good with 0.5.3) is the one chosen.
     cell = cells["0.21.0|0.5.3"]
     assert verdict(cell, "unpatched") == "fails" and verdict(cell, "patched") == "works"
+    assert "ParallelStrategy" in cell["unpatched"]["candidates"]["builtin"]
     assert cell["patched"]["chosen"] == FROZEN.format("0201")
     assert "ZMQError: Invalid argument (addr='t')" in cell["patched"]["candidates"]["_0180"]
-    assert "ParallelStrategy" in cell["patched"]["candidates"]["builtin"]
-    # 0.19.1 + 0.5.3: the builtin and _0180 fail for real; _0201 works and is picked.
+    assert cell["patched"]["candidates"]["builtin"] == "works"
+    # 0.19.1 + 0.5.3: the builtin fails for real unpatched (ZMQError) and works patched.
     cell = cells["0.19.1|0.5.3"]
-    assert "ZMQError" in cell["patched"]["candidates"]["builtin"]
-    assert cell["patched"]["chosen"] == FROZEN.format("0201") and cell["patched"]["works"]
-    assert verdict(cells["0.21.0|0.5.6"], "patched") == "clear error"
-    assert "no connector can be built" in cells["0.21.0|0.5.6"]["patched"]["error"]
+    assert "ZMQError" in cell["unpatched"]["candidates"]["builtin"]
+    assert cell["patched"]["chosen"] == BUILTIN and cell["patched"]["works"]
+    # lmcache 0.5.6 (no copies) on vLLM 0.21.0: only the builtin can serve it.
+    cell = cells["0.21.0|0.5.6"]
+    assert verdict(cell, "unpatched") == "fails"
+    assert verdict(cell, "patched") == "works" and cell["patched"]["chosen"] == BUILTIN
 
 
-def test_the_resolution_agrees_with_the_real_builds_except_where_it_cannot_see_geometry():
-    # Where some candidate works when built for real, the patched vLLM picks one that works;
-    # where none does, it stops with the clear error. Except, measured with the serving-engine
-    # steps: with lmcache 0.4.7 on vLLM 0.14.0-0.21.0 the one candidate that constructs is
-    # lmcache's _0180, which the series' static check passes and picks, and which hands lmcache
-    # the old (world size, rank) arguments: with MLA, every TP rank stores (wrong geometry).
-    # The fix is a builtin that speaks each lmcache's adapter by name, not a looser check.
-    rows = [
-        v
-        for v in SUPPORTED
-        if Version("0.14.0") <= Version(v) <= Version("0.21.0") and serving_steps(SHIPPED, v)
-    ]
-    assert rows, "the table has rows measured with the serving-engine steps"
-    assert disagreements(SHIPPED) == [
-        f"{v}|0.4.7: patched wrong geometry, measured best clear error" for v in rows
-    ]
-    for v in rows:
-        patched = SHIPPED["cells"][f"{v}|0.4.7"]["patched"]
-        assert patched["chosen"] == FROZEN.format("0180")
-        assert (
-            "mla on: sent {'kv_world_size': 1, 'kv_worker_id': 0, 'is_kv_writer': True}"
-            in (patched["steps"]["geometry error"])
-        )
-    built = [c for c in SHIPPED["cells"].values() if verdict(c, "patched") != "not built"]
-    assert len(built) >= 9 * len(SUPPORTED)
+SERVED = ("0.4.6", "0.4.7", "0.5.0", "0.5.1", "0.5.2", "0.5.3", "0.5.4", "0.5.5", "0.5.6")
+"""The lmcache releases whose multiprocess server runs on a CPU: their cells are built."""
+
+
+def test_patched_every_cell_whose_server_runs_works_and_the_resolution_agrees():
+    # Built for real with the serving-engine steps: every vLLM 0.12.0-0.33.0 with every
+    # lmcache whose server runs, patched, works (270 cells), and where some candidate works
+    # the one picked works: the resolution agrees with the real builds everywhere.
+    served = [f"{v}|{lm}" for v in SUPPORTED for lm in SERVED]
+    assert len(served) == 270
+    assert {key: verdict(SHIPPED["cells"][key], "patched") for key in served} == dict.fromkeys(
+        served, "works"
+    )
+    assert all(serving_steps(SHIPPED, v) for v in SUPPORTED)
+    assert disagreements(SHIPPED) == []
 
 
 def test_the_shipped_table_names_what_it_measured_and_no_machine_paths():

@@ -9,6 +9,7 @@ does not return is the verdict ``hangs``.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from vllm_patches.diagnosis.doctor import live_check
@@ -53,37 +54,88 @@ def test_unpatched_0_16_0_with_lmcache_0_4_6_hangs_on_its_first_hashed_lookup(cl
     assert "verdict: the engine would hang: scheduler round trip: hangs: scheduler " in out
 
 
-def test_patched_0_16_0_with_lmcache_0_4_7_sends_hashes_and_drives_the_worker(patched, monkeypatch):
-    python = patched("0.16.0", "0.5.3")
-    monkeypatch.setenv("PYTHONPATH", str(lmcache_layer(python, "0.4.7")))
+# Cells where none of lmcache's connectors works (it has none for vLLM 0.12/0.13, its copies
+# for older vLLM speak another adapter API, its main connector needs vLLM 0.22): measured
+# unpatched and with the series before it carried the adapter-aware builtin.
+BUILTIN_ONLY = [
+    ("0.13.0", "0.5.3"),
+    ("0.16.0", "0.4.7"),
+    ("0.18.1", "0.5.1"),
+    ("0.21.0", "0.5.6"),
+]
+
+
+@pytest.mark.parametrize(("version", "lmcache"), BUILTIN_ONLY)
+def test_patched_the_adapter_aware_builtin_works_where_no_lmcache_connector_does(
+    patched, monkeypatch, version, lmcache
+):
+    python = patched(version, "0.5.3")
+    monkeypatch.setenv("PYTHONPATH", str(lmcache_layer(python, lmcache)))
     diagnosis = live_check(python)
-    assert diagnosis.data["chosen"] == f"{MAIN}_0180.LMCacheMPConnector"
+    assert diagnosis.ok, diagnosis.lines()
+    assert diagnosis.data["chosen"] == f"{BUILTIN}.LMCacheMPConnectorUpstream"
     chosen = diagnosis.chosen
+    assert chosen["verdict"] == "works"
     assert chosen["block_hashes"] == HASHES
     assert chosen["round_trip"] == (
         f"lookup with {HASHES} block hashes matched 0 tokens (async False); "
         "metadata LMCacheMPConnectorMetadata"
     )
-    assert chosen["worker"] == {
-        "bind_connector_metadata": "ran",
-        "start_load_kv": "ran",
-        "wait_for_save": NO_KV_CACHE,
-        "get_finished": "ran",
-        "clear_connector_metadata": "ran",
-        "worker shutdown": "ran",
-        "scheduler shutdown": "ran",
-    }
     assert chosen["worker_driven"] is True
-    # _0180 hands lmcache 0.4.7 the legacy (world, rank) arguments: with MLA, lmcache then
-    # takes rank 1 of TP 2 for a KV writer, so every TP rank would store the same piece.
-    assert chosen["verdict"] == "wrong geometry"
-    assert chosen["geometry_detail"]["mla on"]["sent"]["is_kv_writer"] is True
-    assert chosen["geometry_detail"]["mla off"]["ok"] is True
-    assert not diagnosis.ok
-    assert any(
-        line.startswith("verdict: a tensor-parallel engine would read and write the wrong KV")
-        for line in diagnosis.lines()
+    not_run = {step: text for step, text in chosen["worker"].items() if text != "ran"}
+    # The builtin's wait_for_save records a CUDA event for the store: where a CPU stops.
+    assert list(not_run) == ["wait_for_save"]
+    assert not_run["wait_for_save"].startswith("not run here: stopped at torch/cuda/")
+    assert not_run["wait_for_save"].endswith("(AssertionError): needs CUDA")
+    # Rank 1 of TP 2 by field name: lmcache applies MLA itself from 0.4.7 on.
+    assert chosen["geometry_detail"]["mla off"]["sent"] == {
+        "kv_world_size": 2,
+        "kv_worker_id": 1,
+        "is_kv_writer": True,
+    }
+    assert chosen["geometry_detail"]["mla on"]["sent"] == {
+        "kv_world_size": 1,
+        "kv_worker_id": 0,
+        "is_kv_writer": False,
+    }
+    others = [c for c in diagnosis.data["candidates"] if not c.get("builtin")]
+    assert others and all(c.get("verdict") != "works" for c in others)
+
+
+def test_an_lmcache_adapter_with_a_required_field_the_series_does_not_know_stops_both_roles(
+    patched, tmp_path
+):
+    """lmcache 0.5.6 with one more required ParallelStrategy field (a test layer made from
+    the real release; the server is the real 0.5.6): the builtin refuses to guess, in the
+    scheduler and in the worker, with one error naming both versions and what to do."""
+    from vllm_patches.diagnosis.servers import ServerPool
+
+    python = patched("0.21.0", "0.5.3")
+    real = lmcache_layer(python, "0.5.6")
+    layer = tmp_path / "lmcache-0.5.6-replica"
+    shutil.copytree(real, layer, symlinks=True)
+    adapter = layer / "lmcache/integration/vllm/vllm_multi_process_adapter.py"
+    text = adapter.read_text()
+    assert text.count("    n_servers: int\n") == 1
+    adapter.write_text(
+        text.replace("    n_servers: int\n", "    n_servers: int\n    replica: int\n")
     )
+    with ServerPool(tmp_path / "servers") as pool:
+        server = pool.get(python, real, "0.5.6")
+        assert not isinstance(server, str), server
+        (data,) = build_layers(python, [Layer(layer, server.url)])
+    assert data["chosen"] == f"{BUILTIN}.LMCacheMPConnectorUpstream"
+    builtin = _by_module(data)["builtin"]
+    refusal = (
+        f"RuntimeError: vLLM {data['vllm']}'s LMCacheMPConnector does not know the adapter API "
+        "of lmcache 0.5.6: its ParallelStrategy requires replica. Install an lmcache release "
+        "whose adapter this vLLM knows (0.4.6 to 0.5.6 were checked), or set "
+        "kv_connector_module_path to a connector made for lmcache 0.5.6."
+    )
+    assert builtin["verdict"] == "fails"
+    assert builtin["constructs_scheduler"] is False and builtin["constructs_worker"] is False
+    assert builtin["error"] == f"constructs scheduler: {refusal}"
+    assert builtin["errors"]["constructs_worker"] == refusal
 
 
 def test_patched_0_21_0_with_lmcache_0_5_3_works_as_far_as_a_cpu_allows(patched):
@@ -174,3 +226,13 @@ def test_the_geometry_of_every_candidate_with_every_lmcache_release_from_0_4_6_o
                 got = candidate.get("geometry_detail", {}).get(key, {})
                 if "sent" in got:  # ok is exactly "what was sent is what must be sent"
                     assert got["ok"] == (got["sent"] == got["expected"]), (data["lmcache"], key)
+
+
+def test_the_patched_builtin_sends_every_lmcache_release_the_right_geometry(patched):
+    """By field name, rank 1 of TP 2 (MLA off and on) reaches lmcache 0.4.6-0.5.6 as itself."""
+    python = patched("0.21.0", "0.5.3")
+    layers = [Layer(lmcache_layer(python, lm), None) for lm in GEOMETRY_0_21_0]
+    found = build_layers(python, layers, geometry_only=True)
+    assert {
+        data["lmcache"]: _by_module(data)["builtin"]["geometry_detail"]["ok"] for data in found
+    } == (dict.fromkeys(GEOMETRY_0_21_0, True))

@@ -89,6 +89,9 @@ class CandidateBuild(TypedDict, total=False):
     geometry: bool | None
     verdict: Verdict
     error: str
+    """The first step's failure, as ``step name: error``."""
+    errors: dict[str, str]
+    """Each failed step's error, by step (the worker can fail apart from the scheduler)."""
     hangs: str
     block_hashes: int
     round_trip: str

@@ -273,6 +273,7 @@ class Build:
 
     def failed(self, name: str, text: str, *, hangs: bool = False) -> None:
         self.info[name] = False
+        self.info.setdefault("errors", {}).setdefault(name, text)
         if hangs:
             self.info.setdefault("hangs", f"{name.replace('_', ' ')}: {text}")
         self.info.setdefault("error", f"{name.replace('_', ' ')}: {text}")
