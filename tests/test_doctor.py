@@ -67,6 +67,21 @@ def test_doctor_unpatched_reads_the_builtins_typeerror_and_advises_the_series(
 
 
 @pytest.mark.slow
+def test_doctor_asks_the_series_where_lmcache_has_no_adapter_it_speaks(cli):
+    """vLLM 0.12.0 with lmcache 0.3.9.post2, which has no multi-process adapter: the series'
+    builtin would stop with its one error (asked of the overlay, vLLM being unpatched)."""
+    python = vllm_env("0.12.0", "0.3.9.post2")
+    code, out, _ = cli("doctor", "--python", python, "--json")
+    data = json.loads(out)
+    assert code == 2 and data["patched"] is False and data["chosen_builds"] is None
+    assert data["resolution"]["class"] == BUILTIN
+    assert data["resolution"]["error"].startswith(
+        "RuntimeError: vLLM 0.12.0+cpu's LMCacheMPConnector does not know the adapter API of "
+        "lmcache 0.3.9.post2: its multi-process adapter does not import (No module named "
+    )
+
+
+@pytest.mark.slow
 def test_doctor_patched(python, cli, monkeypatch, tmp_path):
     site = installed_vllm(str(python))
     apply(site)

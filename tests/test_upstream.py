@@ -106,14 +106,15 @@ def test_an_unformatted_change_fails_the_checks_and_leaves_nothing(tmp_path, ide
     project = project_copy(tmp_path, "9.9.9")
     (patch,) = (project / "patches/connector-0.31.0").glob("0002-*.patch")
     text = patch.read_text()
-    assert text.count("\n+import inspect\n") == 1
-    patch.write_text(text.replace("\n+import inspect\n", "\n+import   inspect\n"))
+    typing = "\n+from typing import TYPE_CHECKING"  # outside what the next patch's context holds
+    assert text.count(typing) == 1
+    patch.write_text(text.replace(typing, typing.replace("from typing", "from   typing")))
     out = tmp_path / "pr"
     proc = run_tool(project, "prepare-upstream-pr", "--out", out)
     assert proc.returncode == 1
     # vLLM's ruff-check hook (isort, with --fix) is the first to catch it.
     assert re.search(r"^ruff-check\.+Failed$", proc.stdout, re.MULTILINE)
-    assert "-import   inspect\n+import inspect\n" in proc.stdout
+    assert "-from   typing import TYPE_CHECKING" in proc.stdout
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: vLLM's checks fail on the change (ruff-check); fix the patches and run the "
         "command again; nothing was kept"
