@@ -315,8 +315,9 @@ def test_static_doctor_fails_where_the_table_measured_a_hang_it_cannot_see():
 
 
 def test_static_doctor_fails_where_the_table_measured_the_wrong_geometry():
-    chosen = "lmcache.integration.vllm.lmcache_mp_connector_0180.LMCacheMPConnector"
-    diagnosis = _static("0.21.0", "0.4.7", patched=True, chosen=chosen)
+    # vLLM 0.19.1's own class with lmcache 0.4.7: it constructs and answers, and with MLA
+    # rank 1 of TP 2 also writes (measured); nothing static can see that.
+    diagnosis = _static("0.19.1", "0.4.7", patched=False, chosen=UNPATCHED, builds=None)
     assert not diagnosis.ok
     assert (
         "(pairing table) a tensor-parallel worker reads and writes the wrong KV pieces: "
