@@ -318,7 +318,7 @@ def test_every_pr_section_has_its_prose_and_every_placeholder_is_known():
     assert {"purpose", "claims", "test plan", "test result", "details"} <= set(prose)
     known = {
         "base", "lmcache", "commands", "tests", "test_file", "example", "new_tests",
-        "new_passed", "regressions", "base_counts", "pr_counts", "base_seconds",
+        "new_passed", "new_skipped", "regressions", "base_counts", "pr_counts", "base_seconds",
         "pr_seconds", "matrix", "hook_rows", "hooks_not_run",
     }  # fmt: skip
     for name, template in prose.items():
