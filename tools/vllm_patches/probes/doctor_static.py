@@ -38,6 +38,9 @@ from connector_build import (
     unmet,
     version,
 )
+from connector_build import (
+    candidate as connector_class,
+)
 
 SERIES_MODULE = "vllm_lmcache_mp_series"
 """The name the overlay file is imported under when vLLM's own module is not patched."""
@@ -97,27 +100,12 @@ def adapter_error(series: ModuleType) -> str:
 
 
 def row(module_name: str, class_name: str) -> dict[str, Any]:
-    """Import one candidate and check that it is a connector class."""
+    """Import one candidate and check that it is a connector class (the build probe's check);
+    nothing static builds it."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
-    info: dict[str, Any] = {
-        "module": module_name,
-        "imports": False,
-        "subclass": False,
-        "builds": None,
-        "error": "",
-    }
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        info["error"] = error_text(exc)
-        return info
-    info["imports"] = True
-    cls = getattr(module, class_name, None)
-    info["subclass"] = isinstance(cls, type) and issubclass(cls, KVConnectorBase_V1)
-    if not info["subclass"]:
-        info["error"] = f"{class_name} is {cls!r}, not a KVConnectorBase_V1 subclass"
-    return info
+    info, _ = connector_class(module_name, class_name, KVConnectorBase_V1)
+    return {"builds": None, "error": "", **info}
 
 
 def module_path_routes(candidates: list[dict[str, Any]]) -> dict[str, str]:
