@@ -23,9 +23,10 @@ BUILD_DEPS = (
     "cmake",
     "jinja2",
 )
-# An lmcache release of each vLLM release's time whose pins fit vLLM's and with which the
-# patched vLLM starts (matrix/matrix.json); each applies from the vLLM release it names.
-# lmcache 0.4.5 and later need transformers >= 5.4, which vLLM up to 0.19.0 pins below 5.
+# An lmcache release of each vLLM release's time whose pins fit vLLM's, with which the
+# patched vLLM imports (and starts, where the server runs here: matrix/matrix.json); each
+# applies from the vLLM release it names. lmcache 0.4.5 and later need transformers >= 5.4,
+# which vLLM up to 0.19.0 pins below 5; before 0.4.4 lmcache has no adapter for the builtin.
 DEFAULT_LMCACHE = (
     ("0.12", "0.3.9.post2"),
     ("0.14", "0.3.13"),

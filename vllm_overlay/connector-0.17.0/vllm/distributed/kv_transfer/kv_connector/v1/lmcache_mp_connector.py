@@ -44,7 +44,7 @@ try:
 except ImportError as e:
     # lmcache before 0.4.4 has no adapter this class speaks (no ParallelStrategy),
     # nor has vLLM's lmcache_integration here. The module still imports with it;
-    # constructing the class says what is missing.
+    # constructing the class, whose adapters are then Any, says what is missing.
     _LMCACHE_ADAPTER_ERROR = e
     LMCacheMPSchedulerAdapter = LMCacheMPWorkerAdapter = LoadStoreOp = Any
     ParallelStrategy = RequestAllocationRecord = Any
@@ -236,7 +236,7 @@ def _create_lmcache_adapter(
     lmcache 0.5.0's scheduler adapter takes ``server_urls: list[str]`` where
     earlier releases, and every worker adapter, take ``server_url: str``.
     """
-    if _LMCACHE_ADAPTER_ERROR is not None:
+    if adapter_cls is Any:
         _unknown_lmcache_api(
             "multi-process adapter", f"does not import ({_LMCACHE_ADAPTER_ERROR})"
         )
