@@ -243,3 +243,16 @@ def test_the_reports_name_every_step_the_probe_measures_in_its_order():
     from vllm_patches.diagnosis.live import STEP_NAMES
 
     assert list(STEP_NAMES)[2:] == list(serving.STEPS)
+
+
+def test_an_error_keeps_the_series_whole_refusal_and_is_cut_at_a_word_when_longer():
+    refusal = RuntimeError(
+        "vLLM 0.21.0's LMCacheMPConnector does not know the adapter API of lmcache "
+        "0.9.0.post1: its multi-process adapter does not import (No module named "
+        "'lmcache.integration.vllm.vllm_multi_process_adapter'). Install an lmcache release "
+        "whose adapter this vLLM knows (0.4.6 to 0.5.6 were checked), or set "
+        "kv_connector_module_path to a connector made for lmcache 0.9.0.post1."
+    )
+    assert serving.error_text(refusal) == f"RuntimeError: {refusal}"
+    long = serving.error_text(ValueError("word " * 200))
+    assert len(long) <= 602 and long.endswith(" word \N{HORIZONTAL ELLIPSIS}")

@@ -153,10 +153,18 @@ def bounded(step: str, seconds: float | None = None) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
+def clip(text: str, limit: int = 600) -> str:
+    """``text`` cut at a word to ``limit`` characters, marked with an ellipsis when cut; long
+    enough for the series' whole refusal with its fix."""
+    if len(text) <= limit:
+        return text
+    return text[: text.rfind(" ", 0, limit)] + " \N{HORIZONTAL ELLIPSIS}"
+
+
 def error_text(exc: BaseException) -> str:
     """``Type: message``, one line, without file paths."""
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return re.sub(r" \(/[^)]*\)", "", text)[:300]
+    return clip(re.sub(r" \(/[^)]*\)", "", text))
 
 
 def cpu_stop(exc: BaseException) -> str:
@@ -166,7 +174,7 @@ def cpu_stop(exc: BaseException) -> str:
     if device:
         return f"stopped at {device} ({type(exc).__name__}): needs CUDA"
     if "register_kv_caches" in str(exc):
-        return f"stopped: no KV cache is registered ({error_text(exc)})"[:300]
+        return clip(f"stopped: no KV cache is registered ({error_text(exc)})")
     return ""
 
 
@@ -257,7 +265,7 @@ def drive_worker(worker: Any, metadata: Any, fill: Callable) -> dict[str, str]:
         except Exception as exc:
             stop = cpu_stop(exc)
             if not stop:
-                done[name] = f"failed: {error_text(exc)}"[:300]
+                done[name] = clip(f"failed: {error_text(exc)}")
                 break
             done[name] = f"not run here: {stop}"
         else:
@@ -326,7 +334,7 @@ def _geometry_child(build_worker: Callable[[Any], Any], config: Any, mla: bool) 
     except _Sent as sent:
         return {"sent": sent_geometry(sent.strategy), "fields": _fields(sent.strategy)}
     except Exception as exc:
-        return {"error": f"the worker is not built: {error_text(exc)}"[:300]}
+        return {"error": clip(f"the worker is not built: {error_text(exc)}")}
     return {"error": "the worker was built without handing lmcache a parallel description"}
 
 
