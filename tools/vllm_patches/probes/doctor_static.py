@@ -80,7 +80,10 @@ def series_module(vllm_module: ModuleType | None, overlay: str | None) -> Module
 
 
 def stand_in(adapter: type) -> type:
-    """A class with ``adapter``'s name and signature whose construction does nothing."""
+    """A class with ``adapter``'s name and signature whose construction does nothing. The
+    series' placeholder where lmcache has no adapter (``Any``) is kept: the builtin refuses it."""
+    if adapter is Any:
+        return adapter
     namespace = {"__signature__": inspect.signature(adapter), "__init__": lambda _, **__: None}
     return type(adapter.__name__, (), namespace)
 
