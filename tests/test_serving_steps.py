@@ -256,3 +256,5 @@ def test_an_error_keeps_the_series_whole_refusal_and_is_cut_at_a_word_when_longe
     assert serving.error_text(refusal) == f"RuntimeError: {refusal}"
     long = serving.error_text(ValueError("word " * 200))
     assert len(long) <= 602 and long.endswith(" word \N{HORIZONTAL ELLIPSIS}")
+    # One word longer than the bound is cut at the bound.
+    assert serving.clip("x" * 700) == "x" * 600 + " \N{HORIZONTAL ELLIPSIS}"

@@ -158,7 +158,8 @@ def clip(text: str, limit: int = 600) -> str:
     enough for the series' whole refusal with its fix."""
     if len(text) <= limit:
         return text
-    return text[: text.rfind(" ", 0, limit)] + " \N{HORIZONTAL ELLIPSIS}"
+    word = text.rfind(" ", 0, limit)
+    return text[: word if word > 0 else limit] + " \N{HORIZONTAL ELLIPSIS}"
 
 
 def error_text(exc: BaseException) -> str:
