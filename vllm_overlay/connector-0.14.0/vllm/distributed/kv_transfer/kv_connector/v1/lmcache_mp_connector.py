@@ -679,6 +679,21 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
         self.worker_adapter.register_kv_caches(kv_caches)
         return
 
+    def _transfer_event(self) -> Any:
+        """Return the event the worker adapter's transfer waits on.
+
+        lmcache >= 0.5.5 makes its own (None where its transfer is
+        synchronous, as on devices without CUDA); older releases take a CUDA
+        event recorded on the current stream.
+        """
+        create_event = getattr(self.worker_adapter, "create_recorded_event", None)
+        if create_event is not None:
+            return create_event()
+        with torch.cuda.stream(torch.cuda.current_stream()):
+            event = torch.cuda.Event(interprocess=True)
+            event.record()
+        return event
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """
         Start loading the KV cache from the connector to vLLM's paged
@@ -711,9 +726,7 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
         if len(request_ids) == 0:
             return
 
-        with torch.cuda.stream(torch.cuda.current_stream()):
-            event = torch.cuda.Event(interprocess=True)
-            event.record()
+        event = self._transfer_event()
 
         self.worker_adapter.batched_submit_retrieve_requests(
             request_ids, ops, event, cache_salts=cache_salts
@@ -790,9 +803,7 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
         if len(request_ids) == 0:
             return
 
-        with torch.cuda.stream(torch.cuda.current_stream()):
-            event = torch.cuda.Event(interprocess=True)
-            event.record()
+        event = self._transfer_event()
 
         self.worker_adapter.batched_submit_store_requests(
             request_ids, ops, event, cache_salts=cache_salts
