@@ -73,13 +73,30 @@ def test_a_step_within_its_bound_leaves_the_timer_and_handler_as_they_were():
     assert (after == before == 0.0) or 0 < before - after < 1
 
 
+def _raised_in(path: str, error: BaseException) -> BaseException:
+    """``error`` as raised by code whose file is ``path`` (a frame of that file)."""
+    try:
+        exec(compile("raise error", path, "exec"), {"error": error})
+    except BaseException as exc:
+        return exc
+    raise AssertionError("not raised")
+
+
+TORCH_CUDA = "/venv/lib/python3.11/site-packages/torch/cuda/__init__.py"
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
         (
-            AssertionError("Torch not compiled with CUDA enabled"),
-            "stopped at the accelerator (AssertionError): needs CUDA",
+            _raised_in(TORCH_CUDA, AssertionError("Torch not compiled with CUDA enabled")),
+            "stopped at torch/cuda/__init__.py:1 (AssertionError): needs CUDA",
         ),
+        # Decided by the frame, not by words: the same text raised elsewhere is a failure, and
+        # so are messages that merely contain "hip" or "cuda".
+        (AssertionError("Torch not compiled with CUDA enabled"), ""),
+        (KeyError("ownership of the chunk"), ""),
+        (RuntimeError("the relationship shipped with cudagraphs"), ""),
         (
             RuntimeError(
                 "Transfer context is not initialized. Call register_kv_caches() before "
@@ -123,11 +140,11 @@ class _Worker:
 
 def test_a_call_stopped_by_the_cpu_is_said_and_the_next_calls_still_run(monkeypatch):
     monkeypatch.setattr(serving, "forward_context", lambda fill: None)
-    worker = _Worker(AssertionError("Torch not compiled with CUDA enabled"))
+    worker = _Worker(_raised_in(TORCH_CUDA, AssertionError("Torch not compiled with CUDA enabled")))
     done = serving.drive_worker(worker, object(), fill=None)
     assert worker.calls == list(serving.WORKER_CALLS)
     assert done["wait_for_save"] == (
-        "not run here: stopped at the accelerator (AssertionError): needs CUDA"
+        "not run here: stopped at torch/cuda/__init__.py:1 (AssertionError): needs CUDA"
     )
     assert done["get_finished"] == done["clear_connector_metadata"] == "ran"
 
@@ -258,3 +275,59 @@ def test_an_error_keeps_the_series_whole_refusal_and_is_cut_at_a_word_when_longe
     assert len(long) <= 602 and long.endswith(" word \N{HORIZONTAL ELLIPSIS}")
     # One word longer than the bound is cut at the bound.
     assert serving.clip("x" * 700) == "x" * 600 + " \N{HORIZONTAL ELLIPSIS}"
+
+
+ALL_STEPS = dict.fromkeys(serving.STEPS, True)
+CRASH = (
+    "step 4: schedule: AttributeError: 'CachedRequestData' object has no attribute "
+    "'resumed_req_ids' (lmcache/integration/vllm/lmcache_mp_connector.py:1732 in "
+    "_process_cached_requests)"
+)
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"),
+    [
+        ({"verdict": "serves", "detail": "..."}, "serves"),
+        ({"verdict": "raises", "step": 4, "detail": CRASH}, "fails"),
+        ({"verdict": "hangs", "detail": "step 9: nothing scheduled for 20 s"}, "hangs"),
+        ({"verdict": "wrong blocks", "detail": "step 7: ..."}, "wrong blocks"),
+        ({"verdict": "leaks", "detail": "assert_scheduler_empty: ..."}, "leaks"),
+        ({"verdict": "unverified", "detail": "step 6: wait_for_save: ..."}, "unverified"),
+    ],
+)
+def test_after_the_one_step_probe_the_scheduler_loop_decides(loop, expected):
+    info = {**ALL_STEPS, "engine_loop": loop}
+    assert serving.verdict(info) == expected
+    # The one engine step alone (no scheduler loop run) is the older, weaker "works".
+    assert serving.verdict(dict(ALL_STEPS)) == "works"
+
+
+def test_a_loop_that_raises_is_said_with_its_step_and_frame():
+    loop = {"verdict": "raises", "step": 4, "detail": CRASH, "steps": 3}
+    info = {**ALL_STEPS, "engine_loop": loop}
+    info["verdict"] = serving.verdict(info)
+    assert info["error"] == f"engine loop: raises at {CRASH}"
+    assert built_text(info) == f"fails in vLLM's scheduler loop: raises at {CRASH}"
+    assert works(_candidate(**info)) is False
+
+
+def test_a_loop_that_serves_says_its_counts_round_trip_and_stand_in():
+    loop = {
+        "verdict": "serves",
+        "steps": 514,
+        "preemptions": 3,
+        "delayed_frees": 6,
+        "round_trip": "2 requests of the second wave loaded 512 to 512 of 544 prompt tokens",
+        "stand_in": "a completed CPU event in place of torch.cuda.Event",
+    }
+    candidate = _candidate(**ALL_STEPS, engine_loop=loop, verdict="serves")
+    assert built_text(candidate) == (
+        "serves (514 steps, 3 preempted, 6 delayed frees; round trip: 2 requests of the "
+        "second wave loaded 512 to 512 of 544 prompt tokens; with one stand-in: a completed "
+        "CPU event in place of torch.cuda.Event)"
+    )
+    assert works(candidate) is True
+    # A step no CPU can run is not a pass.
+    unverified = {**loop, "verdict": "unverified", "detail": "step 6: wait_for_save: ..."}
+    assert works(_candidate(**ALL_STEPS, engine_loop=unverified, verdict="unverified")) is None

@@ -19,7 +19,9 @@ from vllm_patches.diagnosis.live import (
     LayerBuild,
     build_layers,
     built_text,
+    loop_text,
     per_layer_results,
+    scheduler_helpers,
     worker_reached,
     works,
 )
@@ -273,11 +275,20 @@ def diagnose_layers(python: str | Path, layers: list[Path]) -> list[Diagnosis]:
     return _static(python, [str(layer) for layer in layers], {})
 
 
+GPU_ONLY = (
+    "the KV cache registered by CUDA IPC, lmcache's GPU transfer kernels, GPU KV layouts, "
+    "and a real model's numerics"
+)
+"""What a CPU run of vLLM's scheduler loop cannot check (said wherever its result is)."""
+
+
 @dataclass
 class LiveDiagnosis:
     """What building the connector for real against a server found, and its verdict."""
 
     data: LayerBuild = field(default_factory=lambda: LayerBuild())
+    no_loop: str = ""
+    """Why vLLM's scheduler loop was not run ('' where it was)."""
 
     @property
     def chosen(self) -> CandidateBuild:
@@ -304,6 +315,11 @@ class LiveDiagnosis:
             return []
         vllm = str(data["vllm"])
         fixes = [_module_path_fix(m, vllm, patched=bool(data.get("patched"))) for m in working]
+        unpatched = not data.get("patched")
+        if not fixes and unpatched and _overlay_for(Version(vllm).public) is not None:
+            fixes.append(
+                "apply the series (vllm-patches apply --python PY), then run doctor --live again"
+            )
         return fixes or [_lmcache_advice(vllm)]
 
     def lines(self) -> list[str]:
@@ -324,8 +340,13 @@ class LiveDiagnosis:
             out.append(f"scheduler round trip: {chosen.get('round_trip', '')}")
             out.append(f"worker driven: {worker_reached(chosen)}")
             out.append(f"geometry ({data.get('geometry_of', '')}): as it must, MLA off and on")
-            out.append(f"store, then lookup: {chosen.get('second_lookup', '')}")
-            out += [f"not run on a CPU: {call}: {why}" for call, why in _not_on_a_cpu(data)]
+            if "engine_loop" in chosen:
+                out.append(f"vLLM's scheduler loop: {loop_text(chosen['engine_loop'])}")
+                out.append(f"only a GPU confirms: {GPU_ONLY}")
+            else:
+                out.append(f"the first lookup again: {chosen.get('second_lookup', '')}")
+                out.append(f"vLLM's scheduler loop: not checked ({self.no_loop})")
+                out += [f"not run on a CPU: {call}: {why}" for call, why in _not_on_a_cpu(data)]
             out.append("verdict: OK")
         else:
             out.append(f"verdict: {_failure(data, chosen)}")
@@ -345,6 +366,16 @@ def _failure(data: LayerBuild, chosen: CandidateBuild) -> str:
     if "import_error" in data:
         return f"will fail when the engine starts: {_brief(data['import_error'])}"
     what = chosen.get("verdict")
+    loop = chosen.get("engine_loop")
+    if loop is not None and loop.get("verdict") != "serves":
+        sentence = {
+            "raises": "the engine would fail on its first requests",
+            "hangs": "the engine would hang on its first requests",
+            "wrong blocks": "the engine would serve wrong KV",
+            "leaks": "the engine would leak KV blocks",
+            "unverified": "not verified: a step of vLLM's scheduler loop cannot run on a CPU",
+        }[loop.get("verdict", "raises")]
+        return f"{sentence}: vLLM's scheduler loop {loop_text(loop)}"
     if what == "hangs":
         return f"the engine would hang: {_brief(chosen.get('hangs', ''))}"
     if what == "wrong geometry":
@@ -360,7 +391,8 @@ def live_check(python: str | Path, server: str | None = None) -> LiveDiagnosis:
     :param server: the deployment's LMCache server (``tcp://HOST:PORT``); None starts one of
         the installed lmcache on loopback for the check and stops it afterwards.
     """
-    installed_vllm(str(python))  # a clear error where there is no vLLM
+    release = installed_vllm(str(python)).version  # a clear error where there is no vLLM
+    helpers, missing = scheduler_helpers(release)
     with stopped_on_signals(), ServerPool() as pool:
         if server is None:
             running = pool.get(Path(python), None, f"installed in {python}")
@@ -368,6 +400,6 @@ def live_check(python: str | Path, server: str | None = None) -> LiveDiagnosis:
                 msg = f"{running}; give --server URL to check against a running server"
                 raise PatchToolError(msg)
             server = running.url
-        (data,) = build_layers(python, [Layer(None, server)])
+        (data,) = build_layers(python, [Layer(None, server)], helpers=helpers)
     _require_vllm(python, data)
-    return LiveDiagnosis(data)
+    return LiveDiagnosis(data, missing)

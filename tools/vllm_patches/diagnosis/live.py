@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
 from vllm_patches._proc import run_subprocess
+from vllm_patches.errors import PatchToolError
 from vllm_patches.probes import PROBES
-from vllm_patches.sources.releases import cache_root
+from vllm_patches.sources.releases import cache_root, sdist_file
 
 PROBE = PROBES / "connector_build.py"
 COMPAT = PROBES / "compat"
@@ -48,6 +49,21 @@ STEP_NAMES = {
 """Each measured step, in order, as the reports name it (``probes/connector_build.STEPS``)."""
 
 
+HELPERS = "tests/v1/kv_connector/unit/utils.py"
+"""vLLM's own connector test helpers: its ``Scheduler`` built as its tests build it."""
+
+
+def scheduler_helpers(version: str) -> tuple[Path | None, str]:
+    """vLLM ``version``'s :data:`HELPERS` from its sdist (cached), or None and why not."""
+    try:
+        found = sdist_file(version, HELPERS)
+    except PatchToolError as exc:
+        return None, f"vLLM {version}'s test helpers (its sdist) could not be had: {exc}"
+    if found is None:
+        return None, f"vLLM {version}'s sdist has no {HELPERS}"
+    return found, ""
+
+
 def model_dir() -> Path:
     """A directory holding the tiny model's ``config.json`` (in the cache)."""
     directory = cache_root() / "tiny-llama"
@@ -68,10 +84,28 @@ class Layer:
 
 
 IMPORT_SECONDS = 300
-LAYER_SECONDS = 900
+LAYER_SECONDS = 1800
 """The bound on the whole probe: importing vLLM, then per layer (every step inside is bounded
 by 30 s; this only catches a child stuck outside a step)."""
-Verdict = Literal["works", "fails", "hangs", "wrong geometry"]
+Verdict = Literal[
+    "serves", "works", "fails", "hangs", "wrong geometry", "wrong blocks", "leaks", "unverified"
+]
+"""``serves``: vLLM's scheduler loop ran clean (``probes/engine_loop.py``); ``works``: the one
+engine step did, where the loop was not run (the release's test helpers were not at hand)."""
+
+
+class EngineLoop(TypedDict, total=False):
+    """vLLM's own scheduler driving one candidate (``probes/engine_loop.engine_loop``)."""
+
+    verdict: Literal["serves", "raises", "hangs", "wrong blocks", "leaks", "unverified"]
+    detail: str
+    step: int
+    steps: int
+    preemptions: int
+    delayed_frees: int
+    round_trip: str
+    stand_in: str
+    seconds: float
 
 
 class CandidateBuild(TypedDict, total=False):
@@ -101,6 +135,7 @@ class CandidateBuild(TypedDict, total=False):
     geometry_detail: dict[str, Any]
     """Per MLA setting: ``sent``, ``expected``, ``fields``, ``ok`` (or ``error``); and ``ok``."""
     geometry_error: str
+    engine_loop: EngineLoop
     seconds: float
 
 
@@ -119,14 +154,32 @@ class LayerBuild(TypedDict, total=False):
     chosen_build: CandidateBuild
     not_on_a_cpu: dict[str, str]
     geometry_of: str
+    engine_loop: bool
+    """Whether the candidates were driven through vLLM's scheduler loop."""
 
 
 def works(candidate: CandidateBuild) -> bool | None:
     """Whether a candidate built for real did all a serving engine asks on a CPU (both roles,
-    the hashed round trip, the worker driven, the TP 2 geometry); None if not built."""
-    if "constructs_scheduler" not in candidate:
+    the hashed round trip, the worker driven, the TP 2 geometry, and vLLM's scheduler loop
+    where it ran); None if not built, or where a CPU could not run a step of the loop."""
+    if "constructs_scheduler" not in candidate or candidate.get("verdict") == "unverified":
         return None if candidate.get("subclass") else False
-    return candidate.get("verdict") == "works"
+    return candidate.get("verdict") in ("serves", "works")
+
+
+def loop_text(loop: EngineLoop) -> str:
+    """What vLLM's scheduler loop did with a candidate, in words."""
+    counts = (
+        f"{loop.get('steps', 0)} steps, {loop.get('preemptions', 0)} preempted, "
+        f"{loop.get('delayed_frees', 0)} delayed frees"
+    )
+    stand_in = f"; with one stand-in: {loop['stand_in']}" if loop.get("stand_in") else ""
+    verdict = loop.get("verdict", "")
+    if verdict == "serves":
+        return f"serves ({counts}; round trip: {loop.get('round_trip', '')}{stand_in})"
+    if verdict == "raises":
+        return f"raises at {loop.get('detail', '')}{stand_in}"
+    return f"{verdict} ({loop.get('detail', '')}; {counts}{stand_in})"
 
 
 def failed_step(candidate: CandidateBuild) -> str:
@@ -141,8 +194,13 @@ def built_text(candidate: CandidateBuild) -> str:
     """What a real build of one candidate did, in words: ``works``, ``hangs (...)``,
     ``wrong geometry (...)`` or ``fails at: STEP (...)``."""
     verdict = candidate.get("verdict")
+    loop = candidate.get("engine_loop")
+    if loop is not None and verdict in ("serves", "wrong blocks", "leaks", "unverified"):
+        return loop_text(loop)
+    if loop is not None and loop.get("verdict") in ("raises", "hangs"):
+        return f"{verdict} in vLLM's scheduler loop: {loop_text(loop)}"
     if verdict == "works":
-        return "works"
+        return "works (one engine step; vLLM's scheduler loop not run)"
     if verdict == "hangs":
         return f"hangs ({candidate.get('hangs', '')})"
     if verdict == "wrong geometry":
@@ -169,11 +227,14 @@ def build_layers(
     env: dict[str, str] | None = None,
     *,
     geometry_only: bool = False,
+    helpers: Path | None = None,
 ) -> list[LayerBuild]:
     """Run the build probe in ``python`` for each layer, vLLM imported once for all.
 
     :param geometry_only: measure only what each candidate's worker of rank 1 in TP 2 hands
         lmcache (no server needed; ``geometry_detail`` per candidate).
+    :param helpers: the release's :data:`HELPERS`: each candidate whose roles construct is
+        then driven through vLLM's own scheduler loop (``probes/engine_loop.py``).
 
     :returns: per layer, what the probe measured (``connector_build.diagnose``), or
         ``{"import_error": "the probe failed: ..."}`` when its process died.
@@ -185,6 +246,7 @@ def build_layers(
                 {
                     "model_dir": str(model_dir()),
                     "geometry_only": geometry_only,
+                    "test_utils": str(helpers) if helpers else None,
                     "layers": [
                         {"path": str(la.path) if la.path else None, "server": la.server}
                         for la in layers

@@ -28,6 +28,11 @@ _OPTIONAL_FLAGS = (
     ("--eviction-policy", "LRU"),
     ("--disable-metrics", None),
     ("--cpu-buffer-size", "0.2"),
+    # Serve the transfer a CPU worker registers with (lmcache 0.4.6 serves only one mode, the
+    # GPU one unless told; 0.5.4 and later default to the GPU one): otherwise a CPU worker's
+    # registration waits for a reply that never comes.
+    ("--transfer-mode", "non_gpu"),
+    ("--supported-transfer-mode", "auto"),
 )
 
 

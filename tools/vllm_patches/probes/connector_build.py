@@ -21,9 +21,9 @@ Its reader is ``diagnosis/live.py``, typed there as ``LayerBuild``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata as md
-import inspect
 import json
 import os
 import pkgutil
@@ -35,7 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Run by path, this file's directory is first on sys.path: its sibling imports as a module.
+# Run by path, this file's directory is first on sys.path: its siblings import as modules.
+from engine_loop import engine_loop
 from serving import (
     NOT_ON_A_CPU,
     RANK,
@@ -46,6 +47,7 @@ from serving import (
     bounded,
     drive_worker,
     error_text,
+    fill,
     geometry,
     hashed_request,
     takes_kv_cache_config,
@@ -116,20 +118,6 @@ def resolution(module: Any) -> dict[str, str]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "reason": reason}
 
 
-def fill(target: Any, known: dict[str, Any]) -> Any:
-    """Call ``target`` with the ``known`` arguments it takes; other required ones get None."""
-    kwargs = {}
-    for name, param in inspect.signature(target).parameters.items():
-        if name in known:
-            kwargs[name] = known[name]
-        elif param.default is inspect.Parameter.empty and param.kind in (
-            param.POSITIONAL_OR_KEYWORD,
-            param.KEYWORD_ONLY,
-        ):
-            kwargs[name] = None
-    return target(**kwargs)
-
-
 def vllm_config(model_dir: str, server: str) -> Any:
     """A real VllmConfig for a tiny local model, CPU device, the connector pointed at ``server``."""
     from vllm.config import DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
@@ -193,7 +181,10 @@ def scheduler_output(req: Any, block_ids: list[int]) -> Any:
     """A SchedulerOutput that schedules ``req``'s whole prompt as a new request."""
     from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 
-    new = NewRequestData.from_request(req, (block_ids,))
+    new = fill(
+        NewRequestData.from_request,
+        {"request": req, "block_ids": (block_ids,), "prefill_token_ids": req.prompt_token_ids},
+    )
     empty: dict[str, Any] = {}
     for f in dataclasses.fields(SchedulerOutput):
         kind = str(f.type)
@@ -377,10 +368,21 @@ def geometry_error(detail: dict[str, Any]) -> str:
     return ""
 
 
-def build(cls: type, config: Any, kv_config: Any, request_id: str, info: dict[str, Any]) -> None:
-    """Every step of a real build of ``cls`` into ``info``, then its ``verdict``."""
+def build(
+    cls: type,
+    config: Any,
+    kv_config: Any,
+    request_id: str,
+    info: dict[str, Any],
+    loop: Callable[[type], dict[str, Any]] | None,
+) -> None:
+    """Every step of a real build of ``cls`` into ``info``, then vLLM's scheduler loop
+    (``loop``, where the release's test helpers are given) for a class whose roles both
+    construct, then its ``verdict``."""
     started = time.monotonic()
     Build(cls, config, kv_config, info).run(request_id)
+    if loop is not None and info.get("constructs_scheduler") and info.get("constructs_worker"):
+        info["engine_loop"] = loop(cls)
     info["verdict"] = verdict(info)
     info["seconds"] = round(time.monotonic() - started, 1)
 
@@ -410,13 +412,35 @@ def candidate(module_name: str, class_name: str, base: type) -> tuple[dict[str, 
     return info, cls
 
 
+def scheduler_loop(
+    vllm_module: Any, test_utils: str, model_dir: str, server: str
+) -> Callable[[type], dict[str, Any]]:
+    """``engine_loop`` of one class with vLLM's own scheduler, from the release's helpers."""
+    return functools.partial(
+        engine_loop,
+        vllm_module=vllm_module,
+        utils_path=test_utils,
+        model_dir=model_dir,
+        server=server,
+        construct=construct,
+    )
+
+
 NO_SERVER = "tcp://127.0.0.1:1"
 """Where a geometry-only run points the connector: the geometry build stops before connecting."""
 
 
-def diagnose(server: str | None, model_dir: str, *, geometry_only: bool = False) -> dict[str, Any]:
-    """Everything one layer's lmcache gives with this vLLM; built for real when ``server``,
-    only the geometry of each candidate when ``geometry_only`` (no server needed)."""
+def diagnose(
+    server: str | None,
+    model_dir: str,
+    *,
+    geometry_only: bool = False,
+    test_utils: str | None = None,
+) -> dict[str, Any]:
+    """Everything one layer's lmcache gives with this vLLM; built for real when ``server``
+    (and driven through vLLM's scheduler loop where ``test_utils``, the release's own
+    ``tests/v1/kv_connector/unit/utils.py``, is given), only the geometry of each candidate
+    when ``geometry_only`` (no server needed)."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
     out: dict[str, Any] = {"vllm": version("vllm"), "lmcache": version("lmcache")}
@@ -452,13 +476,16 @@ def diagnose(server: str | None, model_dir: str, *, geometry_only: bool = False)
     kv_config = kv_cache_config(config)
     out["not_on_a_cpu"] = NOT_ON_A_CPU
     out["geometry_of"] = f"rank {RANK} of tensor-parallel size {TP_SIZE}"
+    given = test_utils and "import_error" not in out
+    loop = scheduler_loop(vllm_module, test_utils, model_dir, server) if given else None
+    out["engine_loop"] = bool(loop)
     built: dict[type, dict[str, Any]] = {}
     for index, (info, cls) in enumerate(found):
         if cls in built:  # the chosen class is one of the candidates: built once
             info.update({k: v for k, v in built[cls].items() if k not in ("module", "builtin")})
         elif cls is not None:
             WATCHDOG.partial = ("BUILD", out, info)
-            build(cls, config, kv_config, f"probe-{os.getpid()}-{index}", info)
+            build(cls, config, kv_config, f"probe-{os.getpid()}-{index}", info, loop)
             built[cls] = info
     WATCHDOG.partial = None
     out["chosen_build"] = found[-1][0] if "chosen" in out else {}
@@ -506,7 +533,10 @@ def main(spec_path: str) -> None:
         "BUILD",
         [layer["path"] for layer in layers],
         lambda i: diagnose(
-            layers[i]["server"], spec["model_dir"], geometry_only=spec.get("geometry_only", False)
+            layers[i]["server"],
+            spec["model_dir"],
+            geometry_only=spec.get("geometry_only", False),
+            test_utils=spec.get("test_utils"),
         ),
     )
 

@@ -61,7 +61,6 @@ NOT_ON_A_CPU = {
     "wait_for_layer_load": "not run here: it needs a model forward pass on the accelerator",
 }
 """Worker calls no CPU can make, and why (said in every report, never skipped silently)."""
-_DEVICE = re.compile(r"CUDA|cuda|NVIDIA|nvidia|cudart|libcuda|GPU|ROCm|hip", re.ASCII)
 
 
 class Hang(BaseException):
@@ -180,7 +179,8 @@ def cpu_stop(exc: BaseException) -> str:
 
 
 def needs_device(exc: BaseException) -> str:
-    """Where ``exc`` shows that the call reached the accelerator ('' if it did not)."""
+    """Where ``exc`` shows that the call reached the accelerator ('' if it did not): the
+    frame of torch's CUDA module it was raised in (decided by frames, never by words)."""
     tb: TracebackType | None = exc.__traceback__
     last = ""
     while tb is not None:
@@ -188,9 +188,21 @@ def needs_device(exc: BaseException) -> str:
         if "/torch/cuda/" in name or "/torch/_C" in name:
             last = f"{_short_path(name)}:{tb.tb_lineno}"
         tb = tb.tb_next
-    if last or _DEVICE.search(str(exc)):
-        return last or "the accelerator"
-    return ""
+    return last
+
+
+def fill(target: Any, known: dict[str, Any]) -> Any:
+    """Call ``target`` with the ``known`` arguments it takes; other required ones get None."""
+    kwargs = {}
+    for name, param in inspect.signature(target).parameters.items():
+        if name in known:
+            kwargs[name] = known[name]
+        elif param.default is inspect.Parameter.empty and param.kind in (
+            param.POSITIONAL_OR_KEYWORD,
+            param.KEYWORD_ONLY,
+        ):
+            kwargs[name] = None
+    return target(**kwargs)
 
 
 def _hash_fn(name: str) -> Callable[..., Any]:
@@ -404,7 +416,11 @@ def _in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def verdict(info: dict[str, Any]) -> str:
     """What an engine meets first with one built candidate: ``fails`` at start-up (a role
     does not construct), ``hangs`` on a request, ``fails`` in a step, ``wrong geometry``
-    (silent: a tensor-parallel worker reads and writes the wrong KV pieces), or ``works``."""
+    (silent: a tensor-parallel worker reads and writes the wrong KV pieces); then what vLLM's
+    scheduler loop found (``engine_loop.VERDICTS``: ``serves``, ``fails`` where it raised,
+    ``hangs``, ``wrong blocks``, ``leaks``, ``unverified``); ``works`` where only the one
+    engine step could be measured (no scheduler loop: the release's test helpers were not
+    given)."""
     constructs = ("constructs_scheduler", "constructs_worker")
     if "hangs" not in info and any(info.get(step) is False for step in constructs):
         return "fails"
@@ -414,7 +430,19 @@ def verdict(info: dict[str, Any]) -> str:
         return "fails"
     if info.get("geometry") is False:
         return "wrong geometry"
-    return "works" if all(info.get(step) is True for step in STEPS) else "fails"
+    if not all(info.get(step) is True for step in STEPS):
+        return "fails"
+    loop = info.get("engine_loop")
+    if loop is None:
+        return "works"
+    if loop["verdict"] == "raises":
+        info.setdefault("error", f"engine loop: raises at {loop['detail']}")
+        return "fails"
+    if loop["verdict"] == "hangs":
+        info.setdefault("hangs", f"engine loop: {loop['detail']}")
+    elif loop["verdict"] != "serves":
+        info.setdefault("error", f"engine loop: {loop['verdict']}: {loop['detail']}")
+    return str(loop["verdict"])
 
 
 def takes_kv_cache_config(cls: type) -> bool:

@@ -252,7 +252,14 @@ def checkout(version: str, dest: Path | None = None) -> Path:
 
 
 def read_sdist_file(version: str, path: str) -> bytes | None:
-    """The bytes of ``path`` (relative to vLLM's tree) in the sdist of ``version``, or None.
+    """The bytes of ``path`` (relative to vLLM's tree) in the sdist of ``version``, or None."""
+    entry = sdist_file(version, path)
+    return entry.read_bytes() if entry is not None else None
+
+
+def sdist_file(version: str, path: str) -> Path | None:
+    """A cached copy of ``path`` (relative to vLLM's tree) from the sdist of ``version``, or
+    None where the sdist has no such file.
 
     Each answer is cached next to the sdist, keyed by its sha256: scanning a compressed
     tar for one member takes about a second, reading the cached copy microseconds.
@@ -262,7 +269,7 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
     entry = cache_root() / "sdist-files" / f"{version}-{digest[:16]}" / path
     absent = entry.with_name(entry.name + ".absent")
     if entry.is_file():
-        return entry.read_bytes()
+        return entry
     if absent.is_file():
         return None
     data = None
@@ -277,7 +284,7 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise _damaged(sdist, exc) from exc
     write_atomic(entry if data is not None else absent, data or b"")
-    return data
+    return entry if data is not None else None
 
 
 def download_wheel(version: str) -> Path:

@@ -34,6 +34,10 @@ DEFAULT_LMCACHE = (
     ("0.19.1", "0.5.3"),
     ("0.22", "0.5.6"),
 )
+# vLLM labels a CPU build "+cpu", and its CPU platform then refuses to start on x86 without
+# triton-cpu from 0.34.0 on (a wheel no package index serves); those releases keep the
+# "+empty" label, on which vLLM runs its unspecified platform (no device code is needed here).
+CPU_LABEL_BEFORE = Version("0.34.0")
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
@@ -45,6 +49,11 @@ def default_lmcache(version: str) -> str:
         if Version(version) >= Version(first):
             chosen = lmcache
     return chosen
+
+
+def build_label(version: str) -> str:
+    """The local label a CPU build of vLLM ``version`` gets here (:data:`CPU_LABEL_BEFORE`)."""
+    return "cpu" if Version(version) < CPU_LABEL_BEFORE else "empty"
 
 
 def pip(python: Path, *args: str, env: dict[str, str] | None = None) -> None:
@@ -67,9 +76,9 @@ def venv_dir(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
 
 
 def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
-    """A cached venv with vLLM ``version`` (CPU platform, ``empty`` target) and lmcache.
+    """A cached venv with vLLM ``version`` (``empty`` target) and lmcache.
 
-    :param version: the vLLM release; built from its sdist as ``X+cpu``.
+    :param version: the vLLM release; built from its sdist as ``X+cpu`` (see :func:`build_label`).
     :param lmcache: the lmcache release to install, or None for none.
     :param test_deps: also install what vLLM's connector unit tests need.
     :returns: the venv's python.
@@ -89,7 +98,7 @@ def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
         pip(python, "install", "-q", TORCH, *BUILD_DEPS)
         build_env = {
             "VLLM_TARGET_DEVICE": "empty",
-            "VLLM_VERSION_OVERRIDE": f"{version}+cpu",
+            "VLLM_VERSION_OVERRIDE": f"{version}+{build_label(version)}",
             "MAX_JOBS": str(os.cpu_count() or 2),
         }
         pip(python, "install", "-q", "--no-build-isolation", str(sdist), env=build_env)

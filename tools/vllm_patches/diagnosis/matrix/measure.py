@@ -22,6 +22,7 @@ from vllm_patches.diagnosis.live import (
     LayerBuild,
     build_layers,
     built_text,
+    scheduler_helpers,
     worker_reached,
     works,
 )
@@ -205,12 +206,14 @@ def _both_sides(python: Path, layers: list[Layer], progress: Callable[[str], Non
     if status(site).overall == "patched":
         apply(site, revert=True)
     rows: list[Cell] = [{} for _ in layers]
+    helpers, _ = scheduler_helpers(site.version)
     for label in LABELS:
         if label == "patched":
             apply(site)
         progress(label)
         try:
-            for row, data in zip(rows, build_layers(python, layers), strict=True):
+            built = build_layers(python, layers, helpers=helpers)
+            for row, data in zip(rows, built, strict=True):
                 row[label] = _summary(data)
         finally:
             if label == "patched":

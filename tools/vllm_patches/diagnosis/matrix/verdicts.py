@@ -13,7 +13,7 @@ from vllm_patches.series.manifest import REPO_ROOT
 Cell = dict[str, object]
 
 
-BAD_VERDICTS = ("hangs", "wrong geometry")
+BAD_VERDICTS = ("hangs", "wrong geometry", "wrong blocks", "leaks")
 """Verdicts of a class that constructs yet would not serve: the engine hangs on a request,
 or a tensor-parallel worker reads and writes the wrong KV pieces."""
 
