@@ -98,6 +98,6 @@ def test_the_builtin_round_trips_real_kv_on_a_cpu_with_no_stand_in(
     loop = builtin["engine_loop"]
     assert loop["verdict"] == "serves", loop
     assert "stand_in" not in loop
-    assert loop["round_trip"] == ROUND_TRIP
+    assert loop["round_trip"] == ROUND_TRIP and loop["hit"] is True
     assert loop["steps"] > 300 and loop["preemptions"] >= 1 and loop["delayed_frees"] >= 1
     assert data["chosen"].endswith(".LMCacheMPConnectorUpstream")

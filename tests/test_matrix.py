@@ -31,10 +31,13 @@ BUILTIN = (
 )
 
 
-def _cell(works: bool, chosen: str, conflicts: tuple[str, ...] = (), *, earlier=False) -> dict:
+def _cell(
+    works: bool, chosen: str, conflicts: tuple[str, ...] = (), *, earlier=False, loop=True
+) -> dict:
     info = {"works": works, "chosen": chosen, "error": "", "candidates": {}, "reason": ""}
     if not earlier:  # measured with the serving-engine steps
-        info["verdict"] = "works" if works else "fails"
+        info["verdict"] = ("serves" if loop else "works") if works else "fails"
+        info["scheduler_loop"] = loop
     return {"unpatched": info, "patched": info, "pin_conflicts": list(conflicts)}
 
 
@@ -210,3 +213,28 @@ def test_rows_measured_by_the_earlier_probe_are_marked_and_pairs_says_so():
         "--vllm 0.20.0 --lmcache all" in lines
     )
     assert not any("earlier probe" in line for line in pairs_lines(pairs(result, "0.21.0")))
+
+
+def test_rows_not_yet_through_the_scheduler_loop_are_marked_and_explained():
+    builtin = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.X"
+    result = {
+        "cells": {
+            "0.33.0|0.5.6": _cell(True, builtin, loop=False),
+            "0.34.0|0.5.6": _cell(True, builtin),
+        },
+        "seconds": {},
+    }
+    assert summary(result) == (
+        "| vLLM | works unpatched with lmcache | works patched with lmcache |\n"
+        "|---|---|---|\n"
+        "| 0.33.0 \N{DAGGER} | 0.5.6 (builtin) | 0.5.6 (builtin) |\n"
+        "| 0.34.0 | 0.5.6 (builtin) | 0.5.6 (builtin) |\n"
+        "\n"
+        "\N{DAGGER} measured with the one-step probe (one hashed request through lookup, "
+        "allocation and metadata, the worker driven once, the TP 2 geometry), not yet through "
+        "vLLM's scheduler loop: check with `vllm-patches doctor --live` before deploying, or "
+        "re-measure with `vllm-patches matrix --vllm VERSION --lmcache all`\n"
+    )
+    one_step = "measured with the one-step probe, not yet through vLLM's scheduler loop"
+    assert any(one_step in line for line in pairs_lines(pairs(result, "0.33.0")))
+    assert not any(one_step in line for line in pairs_lines(pairs(result, "0.34.0")))

@@ -369,3 +369,20 @@ def test_the_prs_measured_example_is_read_from_the_shipped_table():
     assert pr._measured_example() == (
         "ImportError: cannot import name 'KVCacheSpecKind' from 'vllm.v1.kv_cache_interface'"
     )
+
+
+@pytest.mark.parametrize(
+    ("rev", "raw", "expected"),
+    [
+        ("v0.14.0", "", "0.14.0"),
+        # vLLM up to 0.33.0: a commit id with a "# v0.14.0" note.
+        ("0c1b7a2", "  rev: 0c1b7a2  # v0.14.0\n", "0.14.0"),
+        # vLLM 0.34.0 freezes every rev to a commit id: "# frozen: v0.17.2".
+        ("f368fb3", "  rev: f368fb3  # frozen: v0.17.2\n", "0.17.2"),
+        ("f368fb3", "  rev: f368fb3\n", None),
+    ],
+)
+def test_the_release_a_hooks_rev_names(rev, raw, expected):
+    from vllm_patches.series.hooks import _version
+
+    assert _version(rev, raw) == expected

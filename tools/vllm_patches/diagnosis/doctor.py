@@ -37,6 +37,9 @@ STATIC = PROBES / "doctor_static.py"
 MEASURED_FAILURE = {
     "hangs": "an engine hangs on its first request",
     "wrong geometry": "a tensor-parallel worker reads and writes the wrong KV pieces",
+    "wrong blocks": "vLLM's scheduler loop finds the connector moving KV to or from the wrong "
+    "blocks",
+    "leaks": "vLLM's scheduler loop ends with KV blocks still held",
 }
 """How doctor names a verdict of the table that a static check cannot see."""
 """doctor's static probe, run by path inside the target interpreter."""
@@ -137,7 +140,7 @@ class Diagnosis:
         if "import_error" in data or data.get("chosen_builds") is False:
             return False
         verdict = self.measured.get("verdict")
-        return verdict == "works" if verdict else data.get("chosen_builds") is True
+        return verdict in ("works", "serves") if verdict else data.get("chosen_builds") is True
 
     def fixes(self) -> list[str]:
         """What to do when the verdict fails."""
@@ -202,6 +205,12 @@ class Diagnosis:
                 f"table) {MEASURED_FAILURE[verdict]}: {_brief(str(why))}",
                 f"fix: {_lmcache_advice(str(data['vllm']))}",
                 "fix: or check it here with vllm-patches doctor --live",
+            ]
+        elif verdict and str(measured.get("error", "")).startswith("engine loop: "):
+            lines = [
+                "verdict: it starts, but measured through vLLM's scheduler loop (pairing table) "
+                "it fails on its first requests: "
+                + _brief(str(measured["error"]).removeprefix("engine loop: "))
             ]
         elif verdict:
             lines = [

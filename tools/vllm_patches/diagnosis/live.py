@@ -104,6 +104,8 @@ class EngineLoop(TypedDict, total=False):
     preemptions: int
     delayed_frees: int
     round_trip: str
+    hit: bool
+    """Whether every request of the second wave loaded the first wave's KV."""
     stand_in: str
     seconds: float
 

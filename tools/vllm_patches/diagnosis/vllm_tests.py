@@ -16,6 +16,7 @@ from vllm_patches import _journal as journal
 from vllm_patches._fs import write_atomic
 from vllm_patches._proc import run_subprocess
 from vllm_patches.errors import PatchToolError, ReportedError
+from vllm_patches.probes import PROBES
 from vllm_patches.series.manifest import load_manifest
 from vllm_patches.series.overlay import group_results
 from vllm_patches.sources.releases import cache_root, fetch_sdist
@@ -25,6 +26,8 @@ from vllm_patches.targets.files import journal_of
 from vllm_patches.targets.find import Target, installed_vllm
 
 UNIT_DIR = "tests/v1/kv_connector/unit"
+CLEANUP_PLUGIN = PROBES / "plugins" / "vllm_patches_cleanup.py"
+"""A pytest plugin given to vLLM's own test runs (see its docstring)."""
 # facebook/opt-125m's public config.json (model card values; no weights): most of vLLM's
 # connector tests build a ModelConfig for it, and the hub is not reachable here.
 OPT_125M_CONFIG = {
@@ -192,11 +195,14 @@ def _pytest(
     scratch.mkdir(exist_ok=True)
     args = [
         python, "-m", "pytest", "-m", "cpu_test", "--import-mode=importlib",
-        "-p", "no:cacheprovider", f"--rootdir={src}", f"--junitxml={junit}", "-q",
+        "-p", "no:cacheprovider", "-p", CLEANUP_PLUGIN.stem, f"--rootdir={src}",
+        f"--junitxml={junit}", "-q",
         *(str(src / p) for p in paths),
     ]  # fmt: skip
     args += [f"--ignore={src / path}" for path in ignore]
     env = {
+        # vllm_patches_cleanup: vLLM's clean-up on its unspecified platform (see there).
+        "PYTHONPATH": str(CLEANUP_PLUGIN.parent),
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(_hf_home(work)),
         "TMPDIR": str(scratch),

@@ -51,6 +51,7 @@ from serving import (
     geometry,
     hashed_request,
     takes_kv_cache_config,
+    transfer_config,
     verdict,
 )
 
@@ -120,18 +121,9 @@ def resolution(module: Any) -> dict[str, str]:
 
 def vllm_config(model_dir: str, server: str) -> Any:
     """A real VllmConfig for a tiny local model, CPU device, the connector pointed at ``server``."""
-    from vllm.config import DeviceConfig, KVTransferConfig, ModelConfig, VllmConfig
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
 
-    host, port = server.rsplit(":", 1)
-    transfer = KVTransferConfig(
-        kv_connector="LMCacheMPConnector",
-        kv_role="kv_both",
-        kv_connector_extra_config={
-            "lmcache.mp.host": host,
-            "lmcache.mp.port": int(port),
-            "lmcache.mp.mq_timeout": 10.0,
-        },
-    )
+    transfer = transfer_config(server)
     config = VllmConfig(
         model_config=ModelConfig(model=model_dir, skip_tokenizer_init=True),
         device_config=DeviceConfig(device="cpu"),

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from serving import Hang, bounded, clip, error_text, fill, needs_device
+from serving import Hang, bounded, clip, error_text, fill, needs_device, transfer_config
 
 BLOCK_SIZE = 16
 CHUNK_TOKENS = 64
@@ -92,8 +92,6 @@ def load_utils(path: str) -> ModuleType:
 def make_config(utils: ModuleType, model_dir: str, server: str) -> Any:
     """The helper's VllmConfig for a local model (no tokenizer files here), prefix caching
     off (every hit is the connector's), one step's output fed back before the next."""
-    from vllm.config import KVTransferConfig
-
     real = utils.ModelConfig
     utils.ModelConfig = functools.partial(real, skip_tokenizer_init=True)
     try:
@@ -103,16 +101,7 @@ def make_config(utils: ModuleType, model_dir: str, server: str) -> Any:
         )
     finally:
         utils.ModelConfig = real
-    host, port = server.rsplit(":", 1)
-    config.kv_transfer_config = KVTransferConfig(
-        kv_connector="LMCacheMPConnector",
-        kv_role="kv_both",
-        kv_connector_extra_config={
-            "lmcache.mp.host": host,
-            "lmcache.mp.port": int(port),
-            "lmcache.mp.mq_timeout": 10.0,
-        },
-    )
+    config.kv_transfer_config = transfer_config(server)
     config.cache_config.enable_prefix_caching = False
     if hasattr(config.scheduler_config, "async_scheduling"):
         config.scheduler_config.async_scheduling = False
@@ -442,8 +431,11 @@ class Loop:
     def finish(self) -> None:
         """The round trip's outcome, then vLLM's own check that nothing is left held."""
         missed = sorted(self.expected_hits - set(self.checked_loads))
+        self.report["hit"] = bool(self.expected_hits) and not missed
         if missed:
-            self.report["round_trip"] = f"no hit: {missed[0]} got nothing from the connector"
+            self.report["round_trip"] = (
+                f"no hit: {missed[0]} of the second wave got nothing from the connector"
+            )
         elif self.expected_hits:
             hits = sorted(self.checked_loads[r] for r in self.expected_hits)
             self.report["round_trip"] = (
@@ -516,9 +508,9 @@ def _loop_once(
             loop.start()
             loop.run()
         result = dict(loop.report)
+        # A second wave without a hit is said, not judged here: some lmcache servers look up
+        # only KV registered by their GPU transfer (0.5.4 logs "No GPU context found").
         result["verdict"] = "leaks" if "leaks" in result else "serves"
-        if str(result.get("round_trip", "")).startswith("no hit"):
-            result["verdict"] = "wrong blocks"
         result["detail"] = result.get("leaks") or result.get("round_trip", "")
     except Raised as raised:
         device = needs_device(raised.exc)

@@ -205,6 +205,23 @@ def fill(target: Any, known: dict[str, Any]) -> Any:
     return target(**kwargs)
 
 
+def transfer_config(server: str) -> Any:
+    """vLLM's KVTransferConfig naming ``LMCacheMPConnector`` and the lmcache server at
+    ``server`` (``tcp://HOST:PORT``)."""
+    from vllm.config import KVTransferConfig
+
+    host, port = server.rsplit(":", 1)
+    return KVTransferConfig(
+        kv_connector="LMCacheMPConnector",
+        kv_role="kv_both",
+        kv_connector_extra_config={
+            "lmcache.mp.host": host,
+            "lmcache.mp.port": int(port),
+            "lmcache.mp.mq_timeout": 10.0,
+        },
+    )
+
+
 def _hash_fn(name: str) -> Callable[..., Any]:
     try:
         from vllm.utils.hashing import get_hash_fn_by_name

@@ -54,7 +54,7 @@ PYPI_TOOLS = {
     ),
 }
 SUMMARY = re.compile(r"^(?P<id>\S+?)\.+(?:\((?P<why>[^)]*)\))?(?P<status>Passed|Failed|Skipped)$")
-REV_COMMENT = re.compile(r"rev:\s*(?P<rev>\S+)\s*#\s*v?(?P<version>\d[\w.]*)")
+REV_COMMENT = re.compile(r"rev:\s*(?P<rev>\S+)\s*#\s*(?:frozen:\s*)?v?(?P<version>\d[\w.]*)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class HookResult:
 
 
 def _version(rev: str, raw: str) -> str | None:
-    """The release a ``rev`` names: ``v0.14.0`` -> ``0.14.0``; a commit id with a ``# vX`` note."""
+    """The release a ``rev`` names: ``v0.14.0`` -> ``0.14.0``; a commit id with a ``# vX`` (or
+    ``# frozen: vX``, vLLM 0.34.0 on) note."""
     if re.fullmatch(r"v?\d+(\.\d+)+", rev):
         return rev.lstrip("v")
     for match in REV_COMMENT.finditer(raw):

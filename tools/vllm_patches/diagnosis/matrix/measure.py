@@ -119,6 +119,7 @@ def _summary(data: LayerBuild) -> Cell:
         "error": error[:300],
         "candidates": candidates,
         "reason": data.get("resolution", {}).get("reason", "")[:300],
+        "scheduler_loop": bool(data.get("engine_loop")),
     }
 
 

@@ -11,6 +11,7 @@ from vllm_patches.diagnosis.matrix.verdicts import (
     LABELS,
     Cell,
     connector_name,
+    scheduler_loop,
     serving_steps,
     starts_with,
     table_axes,
@@ -38,21 +39,36 @@ EARLIER_PROBE = (
 )
 
 
+ONE_STEP = (
+    "\u2020 measured with the one-step probe (one hashed request through lookup, allocation "
+    "and metadata, the worker driven once, the TP 2 geometry), not yet through vLLM's "
+    "scheduler loop: check with `vllm-patches doctor --live` before deploying, or re-measure "
+    "with `vllm-patches matrix --vllm VERSION --lmcache all`"
+)
+
+
 def summary(result: dict) -> str:
     """Per vLLM release, the lmcache releases that work and through which connector; rows
-    measured by the earlier probe are marked ``*`` and explained below the table."""
+    measured by the earlier probe are marked ``*``, rows measured with one engine step and
+    not vLLM's scheduler loop ``\u2020``, each explained below the table."""
     lines = [
         "| vLLM | works unpatched with lmcache | works patched with lmcache |",
         "|---|---|---|",
     ]
-    earlier = False
+    notes: list[str] = []
     for version in table_axes(result)[0]:
         unpatched, patched = (starts_with(result, version, label) for label in LABELS)
-        mark = "" if serving_steps(result, version) else " \\*"
-        earlier = earlier or bool(mark)
+        if not serving_steps(result, version):
+            mark, note = " \\*", EARLIER_PROBE
+        elif not scheduler_loop(result, version):
+            mark, note = " \u2020", ONE_STEP
+        else:
+            mark, note = "", ""
+        if note and note not in notes:
+            notes.append(note)
         lines.append(f"| {version}{mark} | {unpatched} | {patched} |")
-    if earlier:
-        lines += ["", EARLIER_PROBE]
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +176,12 @@ def pairs_lines(answer: dict) -> list[str]:
         lines.append(
             "not built here (no server of that lmcache release runs on a CPU): "
             + ", ".join(answer["not_built"])
+        )
+    if answer.get("serving_steps", True) and not answer.get("scheduler_loop", True):
+        lines.append(
+            "measured with the one-step probe, not yet through vLLM's scheduler loop: check "
+            "with vllm-patches doctor --live before deploying, or re-measure with "
+            f"vllm-patches matrix --vllm {answer['vllm']} --lmcache all"
         )
     if not answer.get("serving_steps", True):
         lines.append(

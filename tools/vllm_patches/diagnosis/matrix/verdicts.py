@@ -116,6 +116,16 @@ def serving_steps(result: dict, version: str) -> bool:
     )
 
 
+def scheduler_loop(result: dict, version: str) -> bool:
+    """Whether vLLM ``version``'s row was measured through vLLM's own scheduler loop
+    (``probes/engine_loop.py``); earlier rows took one request through one engine step."""
+    return any(
+        cell.get("patched", {}).get("scheduler_loop")
+        for key, cell in result["cells"].items()
+        if key.startswith(f"{version}|")
+    )
+
+
 def counts(result: dict) -> dict[str, int]:
     """The closing figures: cells that work patched, that work only patched, where none can."""
     found = {
@@ -220,4 +230,5 @@ def pairs(result: dict, version: str) -> dict:
         "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
         "measured": result.get("measured", {}),
         "serving_steps": serving_steps(result, release),
+        "scheduler_loop": scheduler_loop(result, release),
     }
