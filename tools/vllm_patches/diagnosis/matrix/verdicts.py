@@ -156,9 +156,11 @@ def counts(result: dict) -> dict[str, int]:
 
 
 def any_works(cell: Cell) -> bool:
-    """Whether some candidate of the cell (either side) worked when built for real."""
+    """Whether some candidate of the cell (either side) worked when built for real: its text
+    (``live.built_text``) is ``works`` (the one-step probe), or ``serves (...)`` (vLLM's
+    scheduler loop ran clean)."""
     return any(
-        state == "works"
+        state == "works" or state.startswith(("serves (", "works ("))
         for label in LABELS
         for state in cell.get(label, {}).get("candidates", {}).values()
     )
