@@ -27,6 +27,8 @@ BUILD_DEPS = (
 # patched vLLM imports (and starts, where the server runs here: matrix/matrix.json); each
 # applies from the vLLM release it names. lmcache 0.4.5 and later need transformers >= 5.4,
 # which vLLM up to 0.19.0 pins below 5; before 0.4.4 lmcache has no adapter for the builtin.
+# From vLLM 0.34.0 no lmcache fits its pins (it needs opentelemetry-api >= 1.45.1, every
+# lmcache up to 0.5.6 pins <= 1.40.0): 0.5.6 is installed beside it all the same.
 DEFAULT_LMCACHE = (
     ("0.12", "0.3.9.post2"),
     ("0.14", "0.3.13"),
