@@ -42,7 +42,13 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
     code, out, _ = cli("status", tree)
     upstream = upstream_patches(version)
-    numbers = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 8, 9, 10)]
+    # 0006 answers vLLM 0.34.0's scheduler output, 0011 the 0.12/0.13 scheduler's call.
+    carried = [1, 2, 3, 4, 5, 7, 8, 9, 10]
+    if version == "0.34.0":
+        carried.insert(5, 6)
+    if version in ("0.12.0", "0.13.0"):
+        carried.append(11)
+    numbers = [f"{n:04d}" for n in carried]
     assert out.splitlines() == [
         "patched",
         f"git checkout {tree} (vLLM {version}): "
@@ -57,6 +63,12 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     if "0008" not in upstream:
         factory.append("[KVConnector] Prioritize external connector over internal registry")
     connector = [
+        "[KVConnector][LMCache] Ask lmcache's worker adapter for the transfer event",
+        *(
+            ["[KVConnector][LMCache] Pass over lmcache's connector written for an older scheduler"]
+            if version == "0.34.0"
+            else []
+        ),
         "[KVConnector][LMCache] Test the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Harden the LMCacheMPConnector resolution",
         "[KVConnector][LMCache] Test the adapter-aware LMCacheMPConnectorUpstream",
@@ -65,6 +77,10 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     if "0001" not in upstream:
         connector.append(
             "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation"
+        )
+    if version in ("0.12.0", "0.13.0"):
+        factory.insert(
+            0, "[KVConnector][LMCache] Track the blocks vLLM 0.12 and 0.13 allocate per call"
         )
     assert subjects == [*factory, *connector]
     assert _git(tree, "rev-parse", "main") == _git(tree, "rev-parse", f"v{version}")
@@ -308,7 +324,11 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     code, out, _ = cli("status", "--python", python)
     assert code == 0 and out.splitlines()[0] == "patched"
     eight = "upstream" if version == "0.21.0" else "applied"
-    assert f"0001 applied, 0002 applied, 0004 applied, 0008 {eight}, 0009 applied\n" in out
+    eleven = ", 0011 applied" if version == "0.12.0" else ""
+    assert (
+        f"0001 applied, 0002 applied, 0004 applied, 0007 applied, 0008 {eight}, 0009 applied"
+        f"{eleven}\n" in out
+    )
     assert "0003" not in out and "0010" not in out
     assert_record_true(site)
     assert apply_cli("--python", python)[1].endswith("is already patched: nothing to do\n")

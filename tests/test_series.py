@@ -66,7 +66,7 @@ def test_manifest_covers_every_release(manifest):
     assert not set(SUPPORTED) & set(manifest.unsupported)  # supported or refused, not both
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
-    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
     for version in SUPPORTED:
         upstream = upstream_patches(version)
         assert manifest.releases[version].upstream == tuple(sorted(upstream))
@@ -75,6 +75,9 @@ def test_manifest_covers_every_release(manifest):
         carried = [n for n in every if n not in upstream]
         if Version(version) < Version("0.34.0"):
             carried.remove("0006")
+        # 0011 answers vLLM 0.12/0.13's update_state_after_alloc (the blocks of one call).
+        if version not in ("0.12.0", "0.13.0"):
+            carried.remove("0011")
         assert numbers == carried
     assert manifest.patches["0001"].first_release == "0.22.0"
     assert manifest.patches["0008"].first_release == "0.20.0"

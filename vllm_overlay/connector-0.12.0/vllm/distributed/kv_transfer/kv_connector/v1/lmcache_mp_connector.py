@@ -957,22 +957,17 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
             num_external_tokens (int): the number of tokens that will be
                 loaded from the external KV cache.
         """
-        # NOTE: `blocks` comes from kv_cache_manager.get_blocks(request_id),
-        # which returns ALL blocks for the request (not just newly allocated).
-        # This function may be called twice for async-load requests:
+        # NOTE: on vLLM 0.12 and 0.13 `blocks` holds the blocks the scheduler
+        # allocated in this call (new_computed_blocks + new_blocks), not all of
+        # the request's blocks. This function may be called twice for
+        # async-load requests:
         #   1st call: blocks = initial allocation (APC + fresh)
-        #   2nd call: blocks = all blocks
-        #  (initial + newly allocated for remaining tokens)
-        # We must only append the NEW blocks beyond what's already tracked
-        # to avoid duplication, which would corrupt the store path's block indexing.
+        #   2nd call: blocks = newly allocated for the remaining tokens
+        # Every block passed here is new to the tracker.
         tracker = self._get_request_tracker(request.request_id)
         block_ids = reformat_block_ids(blocks.get_block_ids())
-
-        # Only append blocks beyond what's already tracked
-        existing_count = len(tracker.allocated_block_ids)
-        new_block_ids = block_ids[existing_count:]
-        if new_block_ids:
-            tracker.append_block_ids(new_block_ids)
+        if block_ids:
+            tracker.append_block_ids(block_ids)
 
         # Update the state of the tracker
         condition = tracker.needs_retrieve()
