@@ -155,7 +155,7 @@ def test_unknown_newer_release_asks_for_a_rebase(git_tree, cli, apply_cli):
     code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
     assert code == 1 and out == ""
     assert err == (
-        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.33.0); make one with "
+        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.34.0); make one with "
         "vllm-patches rebase --onto 0.99.0 in a clone of vllm-lmcache-mp\n"
     )
     assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")

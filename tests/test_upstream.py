@@ -105,7 +105,7 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
 @pytest.mark.network
 def test_an_unformatted_change_fails_the_checks_and_leaves_nothing(tmp_path, identity):
     project = project_copy(tmp_path, "9.9.9")
-    (patch,) = (project / "patches/connector-0.31.0").glob("0002-*.patch")
+    (patch,) = (project / f"patches/connector-{newest_release()}").glob("0002-*.patch")
     text = patch.read_text()
     typing = "\n+from typing import TYPE_CHECKING"  # outside what the next patch's context holds
     assert text.count(typing) == 1
@@ -134,7 +134,7 @@ def test_bad_input(tmp_path, identity, git_tree):
         "vllm-patches apply (TREE | --site | --python PY)\n"
     )
     # A branch of the same name in the user's checkout: refused, checkout untouched.
-    tree = git_tree("0.33.0")
+    tree = git_tree(newest_release())
     _git(tree, "branch", "lmcache-mp-connector-hardening")
     before = tree_snapshot(tree)
     proc = run_tool(project, "prepare-upstream-pr", "--checkout", tree, "--out", tmp_path / "o")
@@ -160,7 +160,7 @@ def test_no_git_identity_no_sign_off(tmp_path, monkeypatch, git_tree):
     empty = tmp_path / "gitconfig"
     empty.touch()
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
-    tree = git_tree("0.33.0")
+    tree = git_tree(newest_release())
     before = tree_snapshot(tree)
     proc = run_tool(
         project_copy(tmp_path, "9.9.9"), "prepare-upstream-pr", "--checkout", tree, "--out",
