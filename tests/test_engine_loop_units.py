@@ -40,3 +40,11 @@ def test_the_innermost_frame_of_a_raise_is_named():
         exec(compile("raise KeyError('x')", "/v/site-packages/lmcache/a.py", "exec"))
     except KeyError as exc:
         assert engine_loop.innermost(exc) == "lmcache/a.py:1 in <module>"
+
+
+def test_the_reader_types_every_verdict_the_loop_gives():
+    from typing import get_args, get_type_hints
+
+    from vllm_patches.diagnosis.live import EngineLoop
+
+    assert get_args(get_type_hints(EngineLoop)["verdict"]) == engine_loop.VERDICTS
