@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import lmcache_unknown_to_the_builtin
@@ -134,7 +135,13 @@ def test_two_shards_merged_equal_the_unsharded_run(python):
     grid = (["0.21.0"], ["0.5.3", "0.5.6"])
     whole = run_matrix(*grid)
     parts = [run_matrix(*grid, shard=f"{i}/2") for i in (1, 2)]
-    assert merge(parts)["cells"] == merge([whole])["cells"]
+
+    # How many steps vLLM's scheduler loop took, and at which step a store or a raise came,
+    # vary with the timing of lmcache's asynchronous lookups; everything else is the same.
+    def steady(cells: dict) -> str:
+        return re.sub(r"\d+ (steps|preempted|delayed frees)|step \d+", r"N \1", json.dumps(cells))
+
+    assert steady(merge(parts)["cells"]) == steady(merge([whole])["cells"])
     cell = whole["cells"]["0.21.0|0.5.3"]
     assert verdict(cell, "unpatched") == "fails" and verdict(cell, "patched") == "works"
     assert cell["patched"]["chosen"] == FROZEN.format("0201")
