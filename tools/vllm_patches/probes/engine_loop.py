@@ -32,7 +32,16 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from serving import Hang, bounded, clip, error_text, fill, needs_device, transfer_config
+from serving import (
+    Hang,
+    _short_path,
+    bounded,
+    clip,
+    error_text,
+    fill,
+    needs_device,
+    transfer_config,
+)
 
 BLOCK_SIZE = 16
 CHUNK_TOKENS = 64
@@ -69,11 +78,7 @@ def innermost(exc: BaseException) -> str:
     if not frames:
         return "no frame"
     last = frames[-1]
-    path = last.filename
-    for marker in ("site-packages/", "lmcache-layers/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-    return f"{path}:{last.lineno} in {last.name}"
+    return f"{_short_path(last.filename)}:{last.lineno} in {last.name}"
 
 
 @functools.cache
