@@ -1339,6 +1339,17 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
 # error at construction where it does not.
 _LMCACHE_MP_CONNECTOR_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
 _TRUE_VALUES = ("1", "true", "yes", "on")
+_FALSE_VALUES = ("", "0", "false", "no", "off")
+
+
+def _warn_unless_missing(e: Exception, module_name: str) -> None:
+    """Log a failure other than a missing module or class, with its traceback."""
+    if not isinstance(e, (ImportError, AttributeError)):
+        logger.warning(
+            "Importing %s failed; LMCacheMPConnector does not use it.",
+            module_name,
+            exc_info=e,
+        )
 
 
 def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
@@ -1349,6 +1360,7 @@ def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
         module = importlib.import_module(_LMCACHE_MP_CONNECTOR_MODULE)
         connector = module.LMCacheMPConnector
     except Exception as e:
+        _warn_unless_missing(e, _LMCACHE_MP_CONNECTOR_MODULE)
         return LMCacheMPConnectorUpstream, (
             f"{_LMCACHE_MP_CONNECTOR_MODULE}: {type(e).__name__}: {e}"
         )
@@ -1361,6 +1373,11 @@ def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
 
 def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
     connector, reason = _choose_lmcache_mp_connector()
+    value = os.environ.get("LMCACHE_USE_UPSTREAM_MP", "")
+    if value.lower() not in _TRUE_VALUES + _FALSE_VALUES:
+        reason += (
+            f"; LMCACHE_USE_UPSTREAM_MP={value!r} is neither true nor false, ignored"
+        )
     logger.info(
         "LMCacheMPConnector is %s.%s (%s).",
         connector.__module__,

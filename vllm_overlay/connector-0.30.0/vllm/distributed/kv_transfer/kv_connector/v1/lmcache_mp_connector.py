@@ -26,6 +26,8 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import RequestStatus
 from vllm.v1.utils import ConstantList
 
+_LMCACHE_ADAPTER_ERROR: ImportError | None = None
+
 try:
     from lmcache.integration.vllm.vllm_multi_process_adapter import (
         LMCacheMPSchedulerAdapter,
@@ -41,16 +43,24 @@ try:
             BlockAllocationRecord as RequestAllocationRecord,
         )
 except ImportError:
-    from lmcache.v1.multiprocess.custom_types import (
-        BlockAllocationRecord as RequestAllocationRecord,
-    )
+    try:
+        from lmcache.v1.multiprocess.custom_types import (
+            BlockAllocationRecord as RequestAllocationRecord,
+        )
 
-    from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_integration import (
-        LMCacheMPSchedulerAdapter,
-        LMCacheMPWorkerAdapter,
-        LoadStoreOp,
-        ParallelStrategy,
-    )
+        from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_integration import (
+            LMCacheMPSchedulerAdapter,
+            LMCacheMPWorkerAdapter,
+            LoadStoreOp,
+            ParallelStrategy,
+        )
+    except ImportError as e:
+        # lmcache before 0.4.4 has no adapter this class speaks, and vLLM's
+        # lmcache_integration does not import with it. The module still
+        # imports; constructing the class says what is missing.
+        _LMCACHE_ADAPTER_ERROR = e
+        LMCacheMPSchedulerAdapter = LMCacheMPWorkerAdapter = LoadStoreOp = None
+        ParallelStrategy = RequestAllocationRecord = None
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
@@ -239,6 +249,10 @@ def _create_lmcache_adapter(
     lmcache 0.5.0's scheduler adapter takes ``server_urls: list[str]`` where
     earlier releases, and every worker adapter, take ``server_url: str``.
     """
+    if _LMCACHE_ADAPTER_ERROR is not None:
+        _unknown_lmcache_api(
+            "multi-process adapter", f"does not import ({_LMCACHE_ADAPTER_ERROR})"
+        )
     # The requests this connector will send must fit the installed lmcache too.
     _dataclass_arguments(LoadStoreOp, {}, _LOAD_STORE_OP_NEEDS)
     values = {
@@ -1342,6 +1356,17 @@ class LMCacheMPConnectorUpstream(KVConnectorBase_V1):
 # error at construction where it does not.
 _LMCACHE_MP_CONNECTOR_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
 _TRUE_VALUES = ("1", "true", "yes", "on")
+_FALSE_VALUES = ("", "0", "false", "no", "off")
+
+
+def _warn_unless_missing(e: Exception, module_name: str) -> None:
+    """Log a failure other than a missing module or class, with its traceback."""
+    if not isinstance(e, (ImportError, AttributeError)):
+        logger.warning(
+            "Importing %s failed; LMCacheMPConnector does not use it.",
+            module_name,
+            exc_info=e,
+        )
 
 
 def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
@@ -1352,6 +1377,7 @@ def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
         module = importlib.import_module(_LMCACHE_MP_CONNECTOR_MODULE)
         connector = module.LMCacheMPConnector
     except Exception as e:
+        _warn_unless_missing(e, _LMCACHE_MP_CONNECTOR_MODULE)
         return LMCacheMPConnectorUpstream, (
             f"{_LMCACHE_MP_CONNECTOR_MODULE}: {type(e).__name__}: {e}"
         )
@@ -1364,6 +1390,11 @@ def _choose_lmcache_mp_connector() -> tuple[type[KVConnectorBase_V1], str]:
 
 def _resolve_lmcache_mp_connector() -> type[KVConnectorBase_V1]:
     connector, reason = _choose_lmcache_mp_connector()
+    value = os.environ.get("LMCACHE_USE_UPSTREAM_MP", "")
+    if value.lower() not in _TRUE_VALUES + _FALSE_VALUES:
+        reason += (
+            f"; LMCACHE_USE_UPSTREAM_MP={value!r} is neither true nor false, ignored"
+        )
     logger.info(
         "LMCacheMPConnector is %s.%s (%s).",
         connector.__module__,
