@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import io
 import json
 import os
 import sys
 import tarfile
-import threading
 
 import pytest
+from conftest import local_index
 from vllm_patches.errors import PatchToolError
 from vllm_patches.sources import index as _index
 from vllm_patches.sources.releases import fetch_sdist, list_sdists
@@ -37,44 +36,30 @@ def _sdist() -> bytes:
 SDIST = _sdist()
 
 
-class _Index(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        expected = "Basic " + base64.b64encode(f"ci:{SECRET}".encode()).decode()
-        if self.headers.get("Authorization") != expected:
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="index"')
-            self.end_headers()
-            return
-        if self.path == "/simple/vllm/":
-            entry = {
-                "filename": "vllm-9.9.9.tar.gz",
-                "url": "../../files/vllm-9.9.9.tar.gz",
-                "hashes": {"sha256": hashlib.sha256(SDIST).hexdigest()},
-                "size": len(SDIST),
+ROUTES = {
+    "/simple/vllm/": (
+        json.dumps(
+            {
+                "files": [
+                    {
+                        "filename": "vllm-9.9.9.tar.gz",
+                        "url": "../../files/vllm-9.9.9.tar.gz",
+                        "hashes": {"sha256": hashlib.sha256(SDIST).hexdigest()},
+                        "size": len(SDIST),
+                    }
+                ]
             }
-            body, kind = json.dumps({"files": [entry]}).encode(), _index.SIMPLE_JSON
-        elif self.path == "/files/vllm-9.9.9.tar.gz":
-            body, kind = SDIST, "application/gzip"
-        else:
-            self.send_response(404)
-            self.end_headers()
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        ).encode(),
+        _index.SIMPLE_JSON,
+    ),
+    "/files/vllm-9.9.9.tar.gz": (SDIST, "application/gzip"),
+}
+AUTH = "Basic " + base64.b64encode(f"ci:{SECRET}".encode()).decode()
 
 
 @pytest.fixture
 def index(monkeypatch, tmp_path):
     """The local index's base URL; pip configured by environment only, caches emptied."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Index)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "PIP_CLIENT_CERT"):
         monkeypatch.delenv(name, raising=False)
@@ -82,9 +67,8 @@ def index(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
     _index.config.cache_clear()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with local_index(ROUTES, AUTH) as address:
+        yield address
     _index.config.cache_clear()
 
 

@@ -183,7 +183,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
     import sys as _sys
 
-    from vllm_patches.diagnosis.doctor import diagnose, live_check
+    from vllm_patches.diagnosis.doctor import Diagnosis, diagnose, live_check
 
     python = args.python or _sys.executable
     live = args.live or args.server is not None
@@ -192,7 +192,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(json.dumps({**diagnosis.data, "ok": diagnosis.ok}, indent=2))
     else:
         print("\n".join(diagnosis.lines()))
-    return 0 if diagnosis.ok else 2
+    if diagnosis.ok:
+        return 0
+    return 3 if isinstance(diagnosis, Diagnosis) and not diagnosis.checked else 2
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
@@ -216,6 +218,48 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     print(matrix.markdown(result), end="")
     print(f"written to {args.out}/matrix.json and matrix.md")
     return 0
+
+
+def _cmd_releases(args: argparse.Namespace) -> int:
+    import json
+
+    from vllm_patches.watch.news import news
+
+    found = news()
+    print(json.dumps(found.as_dict(), indent=2) if args.json else "\n".join(found.lines()))
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import json
+
+    from vllm_patches.series.manifest import require_clone, require_contrib
+    from vllm_patches.watch.carry import carry
+    from vllm_patches.watch.news import news
+
+    require_clone("vllm-patches watch")
+    require_contrib("vllm-patches watch")
+    if args.vllm:
+        versions = args.vllm
+    else:
+        found = news()
+        versions = found.vllm_missing + found.vllm
+    if not versions:
+        print("no vLLM release on the index lacks a series")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    stopped = []
+    for version in versions:
+        result = carry(version)
+        body = args.out / f"vllm-{version}.md"
+        body.write_text(result.body + "\n")
+        (args.out / f"vllm-{version}.json").write_text(
+            json.dumps({"title": result.title, "carried": result.carried, "body": str(body)}) + "\n"
+        )
+        print(f"vLLM {version}: {'carried' if result.carried else 'not carried'}: {body}")
+        if not result.carried:
+            stopped.append(version)
+    return 3 if stopped else 0
 
 
 def _cmd_wheel(args: argparse.Namespace) -> int:
@@ -443,6 +487,26 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
         "--readme", type=Path, metavar="PATH", help="also rewrite the README's per-release summary"
     )
     p.set_defaults(func=_cmd_matrix)
+
+    p = _command(
+        sub, "releases", "vLLM and lmcache releases on the index that the series or table lack"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_releases)
+
+    p = _command(
+        sub,
+        "watch",
+        "carry the series onto new vLLM releases and write each pull request's title and body "
+        "(exit 3 where one needs a person: a conflict, or a wheel-only release with new files)",
+    )
+    p.add_argument(
+        "--vllm", nargs="+", type=_release, help="these releases (default: every new one)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("watch"), help="where the bodies go (vllm-X.md, .json)"
+    )
+    p.set_defaults(func=_cmd_watch)
 
     p = _command(sub, "wheel", "a patched vLLM wheel: repack the official one, or build")
     p.add_argument("version", type=_release, help="the vLLM release")

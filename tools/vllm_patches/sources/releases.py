@@ -9,6 +9,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.parse
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +170,7 @@ def fetch_sdist(version: str) -> Path:
         logger.warning("cached %s is corrupt; downloading it again", path.name)
     sdists = list_sdists()
     if version not in sdists:
-        msg = f"vLLM {version} has no sdist on the package index; pick a released version"
-        raise PatchToolError(msg)
+        raise _no_sdist(version)
     cache.mkdir(parents=True, exist_ok=True)
     sdist = sdists[version]
     if not (path.is_file() and sha256_file(path) == sdist.sha256):
@@ -257,6 +257,39 @@ def read_sdist_file(version: str, path: str) -> bytes | None:
     return entry.read_bytes() if entry is not None else None
 
 
+def has_sdist(version: str) -> bool:
+    """Whether vLLM ``version`` ships an sdist (cached here, else listed by the index)."""
+    cached = cache_root() / "sdists" / f"vllm-{version}.tar.gz.sha256"
+    return cached.is_file() or version in list_sdists()
+
+
+def _no_sdist(version: str) -> PatchToolError:
+    if version in final_releases("vllm", version):
+        msg = (
+            f"vLLM {version} ships wheels only (no sdist on the package index), so there is no "
+            f"source tree or test suite of it to build from; patch its official wheel "
+            f"(vllm-patches wheel {version}) or an installed vLLM (vllm-patches apply --site)"
+        )
+    else:
+        msg = f"vLLM {version} has no sdist on the package index; pick a released version"
+    return PatchToolError(msg)
+
+
+def release_file(version: str, path: str) -> bytes | None:
+    """The bytes of ``path`` as vLLM ``version`` ships it, or None where it does not.
+
+    Read from the release's sdist; a release that ships wheels only (0.15.0, 0.15.1) is read
+    from its official wheel, which holds ``vllm/`` but no ``tests/`` or ``requirements/``.
+    """
+    if has_sdist(version):
+        return read_sdist_file(version, path)
+    with zipfile.ZipFile(download_wheel(version)) as wheel:
+        try:
+            return wheel.read(path)
+        except KeyError:
+            return None
+
+
 def sdist_file(version: str, path: str) -> Path | None:
     """A cached copy of ``path`` (relative to vLLM's tree) from the sdist of ``version``, or
     None where the sdist has no such file.
@@ -288,16 +321,30 @@ def sdist_file(version: str, path: str) -> Path | None:
 
 
 def download_wheel(version: str) -> Path:
-    """The official vLLM wheel of ``version``, fetched by pip (its index, proxy, certs), cached."""
+    """The official vLLM wheel of ``version``, fetched by pip (its index, proxy, certs), cached.
+
+    pip downloads into a directory of its own and the wheel is renamed into the cache: an
+    interrupted download leaves no wheel that a later run would take for a complete one.
+    """
     cache = cache_root() / "wheels" / version
     found = sorted(cache.glob("vllm-*.whl")) if cache.is_dir() else []
     if found:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
-    run_subprocess(
-        [*pip_command(), "download", "--no-deps", "--only-binary", ":all:",
-         "--dest", cache, f"vllm=={version}"],
-        what=f"pip download vllm=={version}",
-    )  # fmt: skip
-    (wheel,) = sorted(cache.glob("vllm-*.whl"))
-    return wheel
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-") as tmp:
+        run_subprocess(
+            [*pip_command(), "download", "--no-deps", "--only-binary", ":all:",
+             "--dest", tmp, f"vllm=={version}"],
+            what=f"pip download vllm=={version}",
+        )  # fmt: skip
+        (wheel,) = Path(tmp).glob("vllm-*.whl")
+        return wheel.replace(cache / wheel.name)
+
+
+def wheel_requirements(version: str) -> list[str]:
+    """The ``Requires-Dist`` lines of vLLM ``version``'s official wheel."""
+    with zipfile.ZipFile(download_wheel(version)) as wheel:
+        (metadata,) = (n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        text = wheel.read(metadata).decode()
+    prefix = "Requires-Dist: "
+    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
