@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from packaging.version import Version
@@ -59,7 +63,11 @@ def _no_machine_git_config(tmp_path_factory):
 
 
 SUPPORTED = sorted(load_manifest().releases, key=Version)
-"""Every release the series supports, oldest first, as the manifest lists them."""
+"""Every release the series supports, oldest first, as the manifest lists them (that these
+are every vLLM release on the index from 0.12.0 on, but the refused ones, is checked against
+the index by ``test_series.py::test_the_series_has_every_release_on_the_index``)."""
+FROM_SDIST = [v for v in SUPPORTED if not load_manifest().releases[v].wheel_only]
+"""The supported releases that ship an sdist (a tree with tests can be made of them)."""
 
 
 def upstream_patches(version: str) -> tuple[str, ...]:
@@ -347,3 +355,45 @@ def factory_class(python: Path, module_path: str, pythonpath: Path) -> dict:
     )
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FACTORY "))
     return json.loads(line[len("FACTORY ") :])
+
+
+class _LocalIndex(http.server.BaseHTTPRequestHandler):
+    """Answers GET from ``routes`` (path -> (body, content type)); 404 elsewhere; with
+    ``auth``, 401 to a request without that Authorization header."""
+
+    routes: ClassVar[dict[str, tuple[bytes, str]]] = {}
+    auth: ClassVar[str | None] = None
+
+    def do_GET(self) -> None:
+        if self.auth is not None and self.headers.get("Authorization") != self.auth:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="index"')
+            self.end_headers()
+            return
+        if self.path not in self.routes:
+            self.send_response(404)
+            self.end_headers()
+            return
+        body, kind = self.routes[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def local_index(routes: dict[str, tuple[bytes, str]], auth: str | None = None) -> Iterator[str]:
+    """A package index on 127.0.0.1 (a free port) serving ``routes``; ``HOST:PORT`` while it
+    runs, stopped at the end."""
+    handler = type("Index", (_LocalIndex,), {"routes": routes, "auth": auth})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

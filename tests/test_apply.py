@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zipfile
 
 import pytest
 from conftest import (
-    SUPPORTED,
+    FROM_SDIST,
     USER_IDENTITY,
     assert_record_true,
     connector_bytes,
@@ -15,6 +16,7 @@ from conftest import (
     upstream_patches,
 )
 from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR, sha256_bytes
+from vllm_patches.sources.releases import cache_root, download_wheel
 
 
 def _overlay(manifest, version: str) -> bytes:
@@ -32,7 +34,7 @@ def _git(tree, *args: str) -> str:
     ).stdout.strip()
 
 
-@pytest.mark.parametrize("version", SUPPORTED)
+@pytest.mark.parametrize("version", FROM_SDIST)
 def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     """checkout -> apply -> patched -> file == overlay -> revert -> original bytes."""
     tree = git_tree(version)
@@ -42,12 +44,16 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     assert code == 0 and f"on branch vllm-lmcache-mp/v{version}" in out
     code, out, _ = cli("status", tree)
     upstream = upstream_patches(version)
-    # 0006 answers vLLM 0.34.0's scheduler output, 0011 the 0.12/0.13 scheduler's call.
+    # 0006 answers vLLM 0.34.0's scheduler output, 0011 the 0.12/0.13 scheduler's call, 0012
+    # tests the copy table of 0.20.x/0.21.0.
+    copies = version in ("0.20.0", "0.20.1", "0.20.2", "0.21.0")
     carried = [1, 2, 3, 4, 5, 7, 8, 9, 10]
     if version == "0.34.0":
         carried.insert(5, 6)
     if version in ("0.12.0", "0.13.0"):
         carried.append(11)
+    if copies:
+        carried.append(12)
     numbers = [f"{n:04d}" for n in carried]
     assert out.splitlines() == [
         "patched",
@@ -82,6 +88,8 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
         factory.insert(
             0, "[KVConnector][LMCache] Track the blocks vLLM 0.12 and 0.13 allocate per call"
         )
+    if copies:
+        factory.insert(0, "[KVConnector][LMCache] Test the lookup of lmcache's connector copies")
     assert subjects == [*factory, *connector]
     assert _git(tree, "rev-parse", "main") == _git(tree, "rev-parse", f"v{version}")
     assert apply_cli(tree)[:2] == (
@@ -93,6 +101,46 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     assert connector_bytes(tree) == original
     assert _git(tree, "branch", "--show-current") == "main"
     assert cli("status", tree)[1].splitlines()[0] == "unpatched"
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("version", ["0.15.0", "0.15.1"])
+def test_a_release_that_ships_wheels_only(manifest, tmp_path, cli, apply_cli, version):
+    """A tree of the official wheel's own Python files takes the 0.14.0 bases' series (their files
+    are byte for byte those bases) and comes back byte for byte."""
+    with zipfile.ZipFile(download_wheel(version)) as wheel:
+        sources = [n for n in wheel.namelist() if n.startswith("vllm/") and n.endswith(".py")]
+        wheel.extractall(tmp_path / "tree", sources)
+    tree = tmp_path / "tree"
+    before = tree_snapshot(tree)
+    assert cli("status", "--vllm-version", version, tree)[1].startswith("unpatched\n")
+    assert apply_cli("--vllm-version", version, tree)[0] == 0
+    assert connector_bytes(tree) == _overlay(manifest, "0.14.0")
+    assert cli("status", "--vllm-version", version, tree)[1].splitlines() == [
+        "patched",
+        f"source tree {tree} (vLLM {version}): 0001 applied, 0002 applied, 0004 applied, "
+        "0007 applied, 0008 applied, 0009 applied",
+    ]
+    assert apply_cli("--revert", "--vllm-version", version, tree)[0] == 0
+    assert tree_snapshot(tree) == before
+
+
+@pytest.mark.network
+@pytest.mark.parametrize(
+    "command", [["checkout", "--dest"], ["test", "--out"], ["wheel", "--from-source", "--out"]]
+)
+def test_what_needs_a_source_tree_refuses_a_wheel_only_release_first(cli, tmp_path, command):
+    """Before building anything: one line naming what to do instead."""
+    before = sorted(p.name for p in (cache_root() / "venvs").glob("vllm-0.15.0-*"))
+    code, out, err = cli(*command, tmp_path / "out", "0.15.0")
+    assert (code, out) == (1, "")
+    assert err == (
+        "error: vLLM 0.15.0 ships wheels only (no sdist on the package index), so there is no "
+        "source tree or test suite of it to build from; patch its official wheel "
+        "(vllm-patches wheel 0.15.0) or an installed vLLM (vllm-patches apply --site)\n"
+    )
+    assert sorted(p.name for p in (cache_root() / "venvs").glob("vllm-0.15.0-*")) == before
+    assert not (cache_root() / "checkouts" / "v0.15.0").exists()
 
 
 @pytest.mark.parametrize("version", ["0.12.0", "0.18.1", "0.21.0"])
@@ -149,14 +197,35 @@ def test_site_round_trip_without_git(manifest, fake_site, apply_cli, cli, withou
     assert tree_snapshot(site) == before  # the original files and RECORD, byte for byte
 
 
-def test_unknown_newer_release_asks_for_a_rebase(git_tree, cli, apply_cli):
+def test_a_newer_release_with_known_files_is_offered_their_series(git_tree, cli, apply_cli):
+    """A release newer than the series whose connector and factory are a known release's
+    (here 0.33.0's files, labelled 0.99.0) is offered that release's series."""
     tree = git_tree("0.33.0")
     before = tree_snapshot(tree)
     code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
     assert code == 1 and out == ""
     assert err == (
-        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.34.0); make one with "
-        "vllm-patches rebase --onto 0.99.0 in a clone of vllm-lmcache-mp\n"
+        "error: vLLM 0.99.0 has no series yet, but its "
+        "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py and "
+        "vllm/distributed/kv_transfer/kv_connector/factory.py are byte for byte vLLM "
+        "0.33.0's: apply that series with --vllm-version 0.33.0\n"
+    )
+    assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
+    assert tree_snapshot(tree) == before
+
+
+def test_a_newer_release_with_new_files_is_sent_to_the_watcher(plain_tree, cli, apply_cli):
+    tree = plain_tree("0.33.0")
+    factory = tree / "vllm/distributed/kv_transfer/kv_connector/factory.py"
+    factory.write_text(factory.read_text() + "# changed in 0.99.0\n")
+    before = tree_snapshot(tree)
+    code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
+    assert code == 1 and out == ""
+    assert err == (
+        "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.34.0); the release watcher "
+        "carries each new release in a pull request (vllm-patches releases lists what is "
+        "new); a contributor can carry it with vllm-patches watch --vllm 0.99.0 in a clone "
+        "of vllm-lmcache-mp\n"
     )
     assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
     assert tree_snapshot(tree) == before

@@ -13,10 +13,9 @@ from vllm_patches.diagnosis.matrix import (
     merge,
     run_matrix,
     shard_of,
-    shipped,
-    starts_with,
     verdict,
 )
+from vllm_patches.diagnosis.matrix.verdicts import shipped
 from vllm_patches.errors import PatchToolError
 from vllm_patches.sources.venvs import lmcache_layer, vllm_env
 from vllm_patches.targets.apply import apply
@@ -30,6 +29,13 @@ BUILTIN = f"{VLLM_MODULE}.LMCacheMPConnectorUpstream"
 @pytest.fixture(scope="module")
 def python():
     return vllm_env("0.21.0", "0.5.3")
+
+
+WORKS_PATCHED_0_21_0 = (
+    "0.4.6 (lmcache main), 0.4.7\N{EN DASH}0.5.1 (builtin), 0.5.2\N{EN DASH}0.5.5 (_0201), "
+    "0.5.6 (builtin)"
+)
+"""What the pairing table measured working on vLLM 0.21.0 patched, written out (README)."""
 
 
 def _doctor(cli, monkeypatch, python, lmcache, layer=None):
@@ -60,21 +66,22 @@ def test_doctor_unpatched_reads_the_builtins_typeerror_and_advises_the_series(
     assert out.endswith(
         f"fix: apply the series (vllm-patches apply --python PY): it picks {BUILTIN}\n"
     )
-    # A pair the table never measured: doctor says it cannot tell, not OK.
+    # A pair the table never measured: doctor says it cannot tell (exit 3), not OK.
     layer = lmcache_unknown_to_the_builtin(python, tmp_path)
     code, data = _doctor(cli, monkeypatch, python, "", layer)
-    assert code == 2 and data["lmcache"] == "0.9.0" and data["chosen_builds"] is None
+    assert code == 3 and data["lmcache"] == "0.9.0" and data["chosen_builds"] is None
     assert data["resolution"]["error"].startswith("RuntimeError: vLLM 0.21.0+cpu's ")
 
 
 @pytest.mark.slow
 def test_doctor_asks_the_series_where_lmcache_has_no_adapter_it_speaks(cli):
     """vLLM 0.12.0 with lmcache 0.3.9.post2, which has no multi-process adapter: the series'
-    builtin would stop with its one error (asked of the overlay, vLLM being unpatched)."""
+    builtin would stop with its one error (asked of the overlay, vLLM being unpatched). What
+    vLLM's own class does with it nothing measured (its server does not run here): exit 3."""
     python = vllm_env("0.12.0", "0.3.9.post2")
     code, out, _ = cli("doctor", "--python", python, "--json")
     data = json.loads(out)
-    assert code == 2 and data["patched"] is False and data["chosen_builds"] is None
+    assert code == 3 and data["patched"] is False and data["chosen_builds"] is None
     assert data["resolution"]["class"] == BUILTIN
     assert data["resolution"]["error"].startswith(
         "RuntimeError: vLLM 0.12.0+cpu's LMCacheMPConnector does not know the adapter API of "
@@ -119,12 +126,38 @@ def test_doctor_patched(python, cli, monkeypatch, tmp_path):
         code, out, _ = cli("doctor", "--python", python)
         assert code == 2 and f"verdict: will fail when the engine starts: {error}" in out
         # The advice comes from the pairing table shipped in matrix/matrix.json.
-        working = starts_with(shipped(), "0.21.0", "patched")
-        assert f"fix: with the series applied, install lmcache {working}\n" in out
-        assert "0.5.2\N{EN DASH}0.5.5 (_0201)" in working  # 0.5.3 among them
+        assert f"fix: with the series applied, install lmcache {WORKS_PATCHED_0_21_0}\n" in out
         assert out.endswith(
             "fix: or run vllm-patches doctor --live: it builds each of lmcache's connectors "
             "here, and says how to name one that works\n"
+        )
+    finally:
+        apply(site, revert=True)
+
+
+@pytest.mark.slow
+def test_patched_with_an_lmcache_before_its_adapter_the_module_imports_and_construction_says_so(
+    python, cli, monkeypatch
+):
+    """vLLM 0.21.0 with lmcache 0.4.3: neither lmcache's adapter nor vLLM's lmcache_integration
+    imports. Unpatched, vLLM's connector module does not import; patched, it does, and building
+    the class stops with the one error naming both versions and the fix."""
+    code, data = _doctor(cli, monkeypatch, python, "0.4.3")
+    assert code == 2 and not data["ok"]
+    assert data["import_error"] == (
+        "ImportError: cannot import name 'LMCacheEngineMetadata' from 'lmcache.config'"
+    )
+    site = installed_vllm(str(python))
+    apply(site)
+    try:
+        code, data = _doctor(cli, monkeypatch, python, "0.4.3")
+        assert code == 2 and data["chosen"] == BUILTIN and data["chosen_builds"] is False
+        assert data["chosen_error"] == (
+            "RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know the adapter API of "
+            "lmcache 0.4.3: its multi-process adapter does not import (cannot import name "
+            "'LMCacheEngineMetadata' from 'lmcache.config'). Install an lmcache release whose "
+            "adapter this vLLM knows (0.4.6 to 0.5.6 were checked), or set "
+            "kv_connector_module_path to a connector made for lmcache 0.4.3."
         )
     finally:
         apply(site, revert=True)
@@ -142,6 +175,12 @@ def test_two_shards_merged_equal_the_unsharded_run(python):
         return re.sub(r"\d+ (steps|preempted|delayed frees)|step \d+", r"N \1", json.dumps(cells))
 
     assert steady(merge(parts)["cells"]) == steady(merge([whole])["cells"])
+    # The shipped table's claims for these cells are what this build measures.
+    table = shipped()["cells"]
+    for key, cell in whole["cells"].items():
+        for side in ("unpatched", "patched"):
+            measured = (verdict(cell, side), cell[side]["chosen"])
+            assert measured == (verdict(table[key], side), table[key][side]["chosen"]), key
     cell = whole["cells"]["0.21.0|0.5.3"]
     assert verdict(cell, "unpatched") == "fails" and verdict(cell, "patched") == "works"
     assert cell["patched"]["chosen"] == FROZEN.format("0201")
@@ -261,8 +300,7 @@ def test_doctor_names_the_table_and_doctor_live_where_the_series_builtin_does_no
     assert not diagnosis.ok
     assert diagnosis.lines()[-3:] == [
         f"verdict: will fail when the engine starts: {error}",
-        "fix: with the series applied, install lmcache "
-        + starts_with(shipped(), "0.21.0", "patched"),
+        "fix: with the series applied, install lmcache " + WORKS_PATCHED_0_21_0,
         "fix: or run vllm-patches doctor --live: it builds each of lmcache's connectors here, "
         "and says how to name one that works",
     ]
@@ -274,8 +312,7 @@ def test_doctor_names_the_table_and_doctor_live_where_the_series_builtin_does_no
         "verdict: not checked: nothing static tells whether vLLM 0.21.0+cpu's own connector "
         "starts with lmcache 0.9.0, and the pairing table has not measured them together",
         "fix: check it here with vllm-patches doctor --live",
-        "fix: or with the series applied, install lmcache "
-        + starts_with(shipped(), "0.21.0", "patched"),
+        "fix: or with the series applied, install lmcache " + WORKS_PATCHED_0_21_0,
     ]
     # ... and where the series' choice passes, applying it is the fix.
     passes = {**unpatched, "resolution": {"class": BUILTIN, "reason": "r", "error": ""}}
@@ -333,13 +370,22 @@ def test_static_doctor_fails_where_the_table_measured_the_wrong_geometry():
     ) in diagnosis.lines()[-3]
 
 
-def test_static_doctor_trusts_its_own_check_where_the_table_chose_another_class():
+def test_static_doctor_says_not_checked_where_the_table_chose_another_class():
     # Here a class the table did not measure for this pairing (lmcache's main connector, as
-    # a vLLM whose resolution picks it would): the table's verdict does not apply.
+    # a vLLM whose resolution picks it would): the table's verdict does not apply, and that
+    # it constructs here does not tell whether it serves.
     chosen = "lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector"
     diagnosis = _static("0.16.0", "0.4.6", patched=False, chosen=chosen)
     assert diagnosis.measured == {}
-    assert diagnosis.ok and diagnosis.lines()[-1] == "verdict: OK"
+    assert not diagnosis.ok and not diagnosis.checked
+    assert diagnosis.lines()[-3:] == [
+        "verdict: not checked: lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector "
+        "constructs here, but nothing static tells whether it serves with lmcache 0.4.6, and "
+        "the pairing table has not measured them together",
+        "fix: check it here with vllm-patches doctor --live",
+        "fix: or with the series applied, install lmcache 0.4.6 (lmcache main; pins "
+        "conflict: transformers), 0.4.7\N{EN DASH}0.5.6 (builtin; pins conflict: transformers)",
+    ]
 
 
 def test_static_doctor_reads_a_failure_the_table_measured_where_nothing_static_tells():
@@ -350,6 +396,6 @@ def test_static_doctor_reads_a_failure_the_table_measured_where_nothing_static_t
         "(pairing table): constructs scheduler: TypeError: ParallelStrategy.__init__() takes 7 "
         "positional arguments but 8 were given"
     )
-    # ... and one it measured working.
+    # ... and one it measured serving, through vLLM's scheduler loop.
     diagnosis = _static("0.21.0", "0.4.6", patched=False, chosen=UNPATCHED, builds=None)
-    assert diagnosis.measured["verdict"] == "works" and diagnosis.ok
+    assert diagnosis.measured["verdict"] == "serves" and diagnosis.ok

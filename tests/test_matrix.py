@@ -68,7 +68,11 @@ def test_the_shipped_table_says_what_was_built_for_real():
     assert "ParallelStrategy" in cell["unpatched"]["candidates"]["builtin"]
     assert cell["patched"]["chosen"] == FROZEN.format("0201")
     assert "ZMQError: Invalid argument (addr='t')" in cell["patched"]["candidates"]["_0180"]
-    assert cell["patched"]["candidates"]["builtin"] == "works"
+    # Through vLLM's scheduler loop: lmcache 0.5.3's adapter makes no transfer event, so the
+    # CPU round trip needs the one stand-in, and says so.
+    builtin = cell["patched"]["candidates"]["builtin"]
+    assert builtin.startswith("serves (") and "every one equal to what the first wave" in builtin
+    assert "with one stand-in: a completed CPU event in place of torch.cuda.Event" in builtin
     # 0.19.1 + 0.5.3: the builtin fails for real unpatched (ZMQError) and works patched.
     cell = cells["0.19.1|0.5.3"]
     assert "ZMQError" in cell["unpatched"]["candidates"]["builtin"]
@@ -84,12 +88,13 @@ SERVED = ("0.4.6", "0.4.7", "0.5.0", "0.5.1", "0.5.2", "0.5.3", "0.5.4", "0.5.5"
 
 
 def test_patched_every_cell_whose_server_runs_works_and_the_resolution_agrees():
-    # Built for real with the serving-engine steps: every vLLM 0.12.0-0.34.0 (31 releases)
-    # with every lmcache whose server runs, patched, works (279 cells; 0.34.0's row through
-    # vLLM's scheduler loop), and where some candidate works the one picked works: the
-    # resolution agrees with the real builds everywhere.
+    # Built for real with the serving-engine steps: every vLLM 0.12.0-0.34.0 (33 releases,
+    # 0.15.0 and 0.15.1 from their official wheels) with every lmcache whose server runs,
+    # patched, works (297 cells; the rows measured through vLLM's scheduler loop serve), and
+    # where some candidate works the one picked works: the resolution agrees with the real
+    # builds everywhere.
     served = [f"{v}|{lm}" for v in SUPPORTED for lm in SERVED]
-    assert len(served) == 279
+    assert len(served) == 297
     assert {key: verdict(SHIPPED["cells"][key], "patched") for key in served} == dict.fromkeys(
         served, "works"
     )
@@ -101,8 +106,13 @@ def test_the_shipped_table_names_what_it_measured_and_no_machine_paths():
     text = (REPO_ROOT / "matrix" / "matrix.json").read_text()
     assert "/root/" not in text and "/home/" not in text and "/tmp/" not in text
     measured = SHIPPED["measured"]
-    assert set(measured) == {"date", "commit", "vllm", "lmcache"}
+    assert set(measured) == {"date", "commit", "vllm", "lmcache", "rows"}
     assert measured["vllm"] == sorted(SUPPORTED, key=Version)
+    assert set(measured["rows"]) <= set(SUPPORTED)
+    for stamps in measured["rows"].values():
+        held = [lm for stamp in stamps for lm in stamp["lmcache"]]
+        assert len(held) == len(set(held)) and set(held) <= set(measured["lmcache"])
+        assert all(stamp["date"] <= measured["date"] for stamp in stamps)
 
 
 def test_merge_orders_releases_as_versions_and_summary_joins_runs():
@@ -178,7 +188,7 @@ def test_merge_onto_an_earlier_table_replaces_the_rows_it_measured():
         "seconds": {"0.16.0": 9.0, "0.21.0": 8.0},
         "setup_seconds": {"0.16.0": 1.0, "0.21.0": 1.0},
         "servers": {"0.4.5": "no server"},
-        "measured": {"date": "2026-11-26", "commit": "old", "vllm": ["0.16.0", "0.21.0"],
+        "measured": {"date": "2026-11-26", "commit": "old1, old2", "vllm": ["0.16.0", "0.21.0"],
                      "lmcache": ["0.4.5", "0.4.7"]},
     }  # fmt: skip
     new = {
@@ -186,7 +196,9 @@ def test_merge_onto_an_earlier_table_replaces_the_rows_it_measured():
         "seconds": {"0.16.0": 3.0},
         "setup_seconds": {"0.16.0": 2.0},
         "measured": {"date": "2026-12-01", "commit": "new", "vllm": ["0.16.0"],
-                     "lmcache": ["0.4.7"]},
+                     "lmcache": ["0.4.7"],
+                     "rows": {"0.16.0": [{"date": "2026-12-01", "commit": "new",
+                                          "lmcache": ["0.4.7"]}]}},
     }  # fmt: skip
     merged = merge([new], onto=earlier)
     assert merged["cells"]["0.16.0|0.4.7"]["patched"]["chosen"] == builtin
@@ -196,10 +208,40 @@ def test_merge_onto_an_earlier_table_replaces_the_rows_it_measured():
     assert merged["servers"] == {"0.4.5": "no server"}
     assert merged["measured"] == {
         "date": "2026-12-01",
-        "commit": "new, old",
+        "commit": "new, old1, old2",
         "vllm": ["0.16.0", "0.21.0"],
         "lmcache": ["0.4.5", "0.4.7"],
+        "rows": {"0.16.0": [{"date": "2026-12-01", "commit": "new", "lmcache": ["0.4.7"]}]},
     }
+    # pairs says when the cell it recommends was measured; one of a table merged from several
+    # runs before cells kept their own stamps says no more than the table does.
+    assert pairs_lines(pairs(merged, "0.21.0"))[-1] == "measured on or before 2026-12-01"
+    # A later run of one more cell of 0.21.0 stamps that cell only.
+    later = {
+        "cells": {"0.21.0|0.4.5": _cell(True, builtin)},
+        "measured": {"date": "2026-12-02", "commit": "later", "vllm": ["0.21.0"],
+                     "lmcache": ["0.4.5"]},
+    }  # fmt: skip
+    again = merge([later], onto=merged)
+    assert again["measured"]["rows"] == {
+        "0.16.0": [{"date": "2026-12-01", "commit": "new", "lmcache": ["0.4.7"]}],
+        "0.21.0": [{"date": "2026-12-02", "commit": "later", "lmcache": ["0.4.5"]}],
+    }
+    assert pairs_lines(pairs(again, "0.21.0"))[-1] == "measured on or before 2026-12-02"
+    assert pairs(again, "0.21.0")["recommended"]["lmcache"] == "0.4.7"
+    # Re-measured, a cell's stamp replaces the older one for that cell only.
+    whole = {**later, "cells": {"0.21.0|0.4.7": _cell(True, builtin)},
+             "measured": {**later["measured"], "date": "2026-12-03", "commit": "whole",
+                          "lmcache": ["0.4.7"]}}  # fmt: skip
+    final = merge([whole], onto=again)
+    assert final["measured"]["rows"]["0.21.0"] == [
+        {"date": "2026-12-03", "commit": "whole", "lmcache": ["0.4.7"]},
+        {"date": "2026-12-02", "commit": "later", "lmcache": ["0.4.5"]},
+    ]
+    assert pairs_lines(pairs(final, "0.21.0"))[-1] == "measured 2026-12-03 (vllm-lmcache-mp whole)"
+    # A one-run table from before then stamps its rows with its own date and commit.
+    older = {**new, "measured": {k: v for k, v in new["measured"].items() if k != "rows"}}
+    assert merge([older], onto=earlier)["measured"] == merged["measured"]
 
 
 def test_rows_measured_by_the_earlier_probe_are_marked_and_pairs_says_so():

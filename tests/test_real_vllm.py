@@ -289,3 +289,29 @@ def test_kv_connector_module_path_names_the_module(vllm_021, tmp_path, module, e
     else:
         log = f"{expected}, from kv_connector_module_path={module}"
         assert got == {"cls": expected, "log": log}
+
+
+def test_the_cli_on_a_real_vllm_0_34_0_install(cli):
+    """The newest release as a user meets it: status, apply, pairs, doctor and revert on vLLM
+    0.34.0 with lmcache 0.5.6 installed, the files back byte for byte."""
+    python = vllm_env("0.34.0", "0.5.6")
+    site = installed_vllm(str(python))
+    files = [CONNECTOR, "vllm/distributed/kv_transfer/kv_connector/factory.py"]
+    before = {path: (site.root / path).read_bytes() for path in files}
+    code, out, _ = cli("status", "--python", python)
+    assert code == 3 and out.startswith("unpatched\n")
+    code, out, err = cli("apply", "--python", python)
+    try:
+        assert code == 0, err
+        code, out, _ = cli("status", "--python", python)
+        assert code == 0 and out.startswith("patched\n")
+        code, out, _ = cli("pairs", "0.34.0")
+        assert code == 0 and out.startswith("vLLM 0.34.0: install lmcache==0.5.6 ")
+        code, out, _ = cli("doctor", "--python", python)
+        assert code == 0 and out.endswith("verdict: OK\n"), out
+        assert f"resolves to {BUILTIN}\n" in out
+    finally:
+        code, _, err = cli("revert", "--python", python)
+    assert code == 0, err
+    assert cli("status", "--python", python)[0] == 3
+    assert {path: (site.root / path).read_bytes() for path in files} == before

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import USER_IDENTITY, project_copy, run_tool, tree_snapshot
+from vllm_patches.errors import PatchToolError
+from vllm_patches.series import rebase
 from vllm_patches.series.manifest import CONNECTOR, REPO_ROOT, load_manifest
 from vllm_patches.series.rebase import _mark_upstream
 
@@ -35,7 +37,9 @@ def test_rebase_021_onto_022_from_scratch(tmp_path):
         "carried the vLLM 0.21.0 series onto vLLM 0.22.0: 0002 0003 0004 0005 0007 0009 0010"
     )
     assert lines[1] == "already in vLLM 0.22.0, dropped from its series: 0001"
-    assert lines[2] == (
+    # 0012 tests the copy table that only 0.20.x/0.21.0 have (only_before = "0.22.0").
+    assert lines[2] == "made for releases before vLLM 0.22.0 only, left out: 0012"
+    assert lines[3] == (
         "new groups: connector-0.22.0; reused: tests, factory-0.21.0, tests-factory"
     )
     # git range-diff: 0001 has no counterpart, every other patch is unchanged.
@@ -243,8 +247,8 @@ BAD_INPUT = [
     ),
     (
         ["--onto", "0.21.0"],
-        "vLLM 0.21.0 already has a series (connector-0.21.0, tests, factory-0.21.0, "
-        "tests-factory); nothing to rebase",
+        "vLLM 0.21.0 already has a series (connector-0.21.0, tests, tests-copies, "
+        "factory-0.21.0, tests-factory); nothing to rebase",
     ),
     (
         ["--onto", "banana"],
@@ -330,3 +334,50 @@ def test_sigterm_while_the_series_is_written_leaves_the_project_as_it_was(tmp_pa
     proc = run_tool(project, "rebase-patches", "--abort", "--workdir", work)
     assert proc.returncode == 0, proc.stderr
     assert _series_state(project) == before
+
+
+def _git_in(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *USER_IDENTITY, *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _repo(path: Path, lines: list[str], *, tag: str) -> None:
+    path.mkdir(exist_ok=True)
+    if not (path / ".git").is_dir():
+        _git_in(path, "init", "-q", "-b", "main")
+    (path / "f.py").write_text("".join(lines))
+    _git_in(path, "add", "f.py")
+    _git_in(path, "commit", "-qm", tag)
+    _git_in(path, "tag", tag)
+
+
+def test_a_patch_git_cannot_merge_is_a_failure_not_a_change_the_base_has(tmp_path, monkeypatch):
+    """After a patch is edited by hand, the next one names a blob no replay makes: where its
+    context does not apply either, ``git am -3`` changes nothing, as it does for a change the
+    base already has. The rebase must stop there, not leave the patch out."""
+    lines = [f"x{i} = {i}\n" for i in range(20)]
+    author = tmp_path / "author"
+    _repo(author, lines, tag="v1")
+    _repo(author, [*lines[:1], "x1 = 100\n", *lines[2:]], tag="a")
+    _repo(author, [*lines[:1], "x1 = 100\n", *lines[2:15], "x15 = 150\n", *lines[16:]], tag="b")
+    patches = tmp_path / "patches"
+    _git_in(author, "format-patch", "-q", "--full-index", "-o", patches, "v1")
+    first, second = sorted(p.name for p in patches.iterdir())
+    text = (patches / first).read_text()
+    (patches / first).write_text(text.replace("+x1 = 100\n", "+x1 = 101\n"))  # by hand
+    # The new base changed a line of the second patch's context; it never saw the author's.
+    work = tmp_path / "work"
+    _repo(work, lines, tag="v1")
+    _repo(work, [*lines[:14], "x14 = -14\n", *lines[15:]], tag="v2")
+    monkeypatch.setattr(rebase, "PATCHES_DIR", patches)
+    state = rebase.RebaseState("2", "1", [first, second], old_tip=_git_in(work, "rev-parse", "v1"))
+    with pytest.raises(PatchToolError) as raised:
+        rebase._replay(work, state)
+    blob = re.search(r"^index ([0-9a-f]{12})", (patches / second).read_text(), re.M)
+    assert str(raised.value) == (
+        f"patch {second} does not apply to vLLM 2, and git cannot merge it: it was made "
+        f"against blob {blob[1]}, which the patches before it do not produce (was one of them "
+        "edited by hand?); export the series again from its commits with git format-patch"
+    )
+    assert state.in_base == []

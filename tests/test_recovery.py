@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import USER_IDENTITY, assert_record_true, tree_snapshot
 from vllm_patches import _journal as journal
 from vllm_patches._journal import JOURNAL_NAME
 from vllm_patches.series.manifest import CONNECTOR, load_manifest
-from vllm_patches.targets.files import journal_of
+from vllm_patches.targets.files import check_writable, journal_of
 from vllm_patches.targets.find import installed_vllm
 
 CRASHER = Path(__file__).parent / "programs" / "crash_after_writes.py"
@@ -144,3 +145,31 @@ def test_sigterm_during_a_git_apply_goes_back_to_the_users_branch(git_tree):
     )
     assert head.stdout.strip() == "main"
     assert tree_snapshot(tree) == before  # no series branch, no git am in progress
+
+
+def test_the_writability_check_leaves_no_name_a_crash_could_strand(tmp_path, monkeypatch):
+    """The check creates an unnamed file (O_TMPFILE): no name exists at any instant, so a
+    kill anywhere in it leaves nothing; a named probe is only the fallback of a file system
+    without unnamed files."""
+
+    def named(*args, **kwargs):
+        raise AssertionError("a named probe was made")
+
+    monkeypatch.setattr(tempfile, "mkstemp", named)
+    check_writable({tmp_path / "a" / "b"}, "make it writable")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_probe_an_older_run_left_is_removed_by_the_next_command(fake_site, apply_cli):
+    """What a kill between creating and removing a named probe left (the tool before the
+    unnamed probe did: issue 31): the next apply and revert take it away."""
+    python, site = fake_site("0.21.0")
+    start = tree_snapshot(site)
+    stale = (site / CONNECTOR).parent / ".vllm-patches-probe-k1ll3d00"
+    stale.write_bytes(b"")
+    assert apply_cli("--python", python)[0] == 0
+    assert not stale.exists()
+    stale.write_bytes(b"")
+    assert apply_cli("--revert", "--python", python)[0] == 0
+    assert not stale.exists()
+    assert tree_snapshot(site) == start

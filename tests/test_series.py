@@ -20,7 +20,7 @@ from vllm_patches.series.manifest import (
     sha256_bytes,
 )
 from vllm_patches.series.overlay import apply_to_bytes, regenerate
-from vllm_patches.sources.releases import read_sdist_file
+from vllm_patches.sources.releases import final_releases, read_sdist_file, release_file
 
 # OE-core meta/lib/oe/qa.py check_upstream_status.
 UPSTREAM_STATUS = re.compile(
@@ -62,22 +62,40 @@ def test_no_patch_is_stored_twice():
         bodies[key] = patch
 
 
+@pytest.mark.network
+def test_the_series_has_every_release_on_the_index(manifest):
+    """The oracle for SUPPORTED: every final vLLM release on the index from 0.12.0 to the
+    series' newest has a series (a release dropped from the manifest fails here); one
+    newer than that is the release watcher's to carry, not a failure."""
+    newest = max(SUPPORTED, key=Version)
+    on_index = [v for v in final_releases("vllm", "0.12.0") if Version(v) <= Version(newest)]
+    assert on_index == SUPPORTED
+    assert {"0.15.0", "0.15.1"} <= set(on_index)  # wheels only: carried all the same
+
+
 def test_manifest_covers_every_release(manifest):
     assert not set(SUPPORTED) & set(manifest.unsupported)  # supported or refused, not both
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
-    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)]
+    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
+    tests = {"0003", "0005", "0010", "0012"}
     for version in SUPPORTED:
         upstream = upstream_patches(version)
         assert manifest.releases[version].upstream == tuple(sorted(upstream))
         numbers = [p.name[:4] for p in manifest.releases[version].patch_files]
         # 0006 answers vLLM 0.34.0's scheduler output (no resumed_req_ids): from 0.34.0 on.
-        carried = [n for n in every if n not in upstream]
+        # A release that ships wheels only has no tests to patch.
+        wheel_only = version in ("0.15.0", "0.15.1")
+        assert manifest.releases[version].wheel_only == wheel_only
+        carried = [n for n in every if n not in upstream and not (wheel_only and n in tests)]
         if Version(version) < Version("0.34.0"):
             carried.remove("0006")
         # 0011 answers vLLM 0.12/0.13's update_state_after_alloc (the blocks of one call).
         if version not in ("0.12.0", "0.13.0"):
             carried.remove("0011")
+        # 0012 tests the table of lmcache's connector copies, which only 0.20.x/0.21.0 have.
+        if not wheel_only and not Version("0.20.0") <= Version(version) < Version("0.22.0"):
+            carried.remove("0012")
         assert numbers == carried
     assert manifest.patches["0001"].first_release == "0.22.0"
     assert manifest.patches["0008"].first_release == "0.20.0"
@@ -106,10 +124,11 @@ def test_overlay_and_hashes_are_up_to_date():
 @pytest.mark.parametrize("version", SUPPORTED)
 @pytest.mark.network
 def test_base_plus_series_equals_overlay(manifest, version):
-    """For every supported release, its sdist's files + its series == the overlay, byte for byte."""
+    """For every supported release, its files (from its sdist, or its official wheel where it
+    ships no sdist) + its series == the overlay, byte for byte."""
     release = manifest.releases[version]
     for group in release.groups:
-        base = read_sdist_file(version, group.path)
+        base = release_file(version, group.path)
         assert (sha256_bytes(base) if base is not None else "") == group.base_sha256
         results = apply_to_bytes(group.path, base, [PATCHES_DIR / p for p in group.patches])
         assert [sha256_bytes(r) for r in results] == list(group.results)

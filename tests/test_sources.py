@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 
 import pytest
 from vllm_patches.sources import index as _index
+from vllm_patches.sources import venvs
 from vllm_patches.sources.releases import cache_root
 
 
@@ -59,3 +62,29 @@ def test_index_url_follows_pip(monkeypatch):
         assert _index.config().urls[0] == "https://mirror.invalid/simple/"
     finally:
         _index.config.cache_clear()
+
+
+def test_one_process_builds_a_venv_and_the_others_wait_for_it(tmp_path, monkeypatch, caplog):
+    """Two builders of one venv would remove each other's half-built trees (seen when two
+    matrix runs shared a row): the second waits, then uses what the first built."""
+    monkeypatch.setenv("VLLM_LMCACHE_MP_CACHE", str(tmp_path))
+    builds = []
+    started = threading.Event()
+
+    def build(venv, version, lmcache, *, test_deps):
+        builds.append(venv.name)
+        started.set()
+        time.sleep(0.5)
+        venv.mkdir(parents=True)
+        (venv / ".complete").write_text("built\n")
+
+    monkeypatch.setattr(venvs, "_build", build)
+    found = []
+    first = threading.Thread(target=lambda: found.append(venvs.vllm_env("0.21.0", "0.5.3")))
+    first.start()
+    started.wait(5)
+    found.append(venvs.vllm_env("0.21.0", "0.5.3"))
+    first.join()
+    assert builds == ["vllm-0.21.0-lmcache-0.5.3"]
+    assert found == [tmp_path / "venvs/vllm-0.21.0-lmcache-0.5.3/bin/python"] * 2
+    assert "waiting for another process that builds" in caplog.text

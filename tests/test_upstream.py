@@ -95,9 +95,8 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     headings = re.findall(r"^## .+$", template, re.MULTILINE)
     assert re.findall(r"^## .+$", pr, re.MULTILINE) == headings
     assert "- [ ] AI assistance was used during the creation of this PR." in pr
-    new = re.search(r"New tests: (\d+) passed, (\d+) skipped \(.*\) of (\d+); regressions: 0\.", pr)
-    # On 0.33.0 only the tests of lmcache's copy table skip (the table is on 0.20/0.21 only).
-    assert new and int(new[1]) + int(new[2]) == int(new[3]) and int(new[1]) > int(new[2]) > 0
+    # 0003 and 0005's tests, none skipped: the copy table's are in 0012 (vLLM 0.20/0.21 only).
+    assert "New tests: 45 of 45 passed; regressions: 0." in pr
     assert "KVCacheSpecKind" in pr  # the measured lmcache 0.5.6 on vLLM 0.21.0 example
     (tmp_path / "PR.md").write_text(pr)
 

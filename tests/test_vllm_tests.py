@@ -8,13 +8,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-COPY_TABLE_TESTS = {
-    "test_copy_is_used_where_main_fails",
-    "test_copy_is_not_used_outside_its_releases",
-    "test_main_module_is_preferred_to_the_copy",
-    "test_unusable_copy_falls_back_to_builtin",
-}
-
 
 @pytest.mark.parametrize("version", ["0.12.0", "0.21.0"])
 def test_no_regressions_and_0003_passes(cli, tmp_path, version):
@@ -25,15 +18,18 @@ def test_no_regressions_and_0003_passes(cli, tmp_path, version):
     assert report["regressions"] == []
     outcomes = report["patched"]["outcomes"]
     resolution = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
+    copies = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_copies" in t}
     factory = {t: o for t, o in outcomes.items() if "kv_connector_factory_module_path" in t}
-    # 55 + 6 tests, passing whichever lmcache is installed (0.3.9.post2 on 0.12.0, which has
-    # no adapter: the tests give the connector lmcache-shaped fakes). The 16 tests of the copy
-    # table skip where the file has none (it exists on the 0.20.0/0.21.0 bases only).
-    assert len(resolution) == 55 and len(factory) == 6
-    assert set(factory.values()) == {"passed"}
-    skipped = {t.split("::")[1].split("[")[0] for t, o in resolution.items() if o == "skipped"}
-    assert skipped == (set() if version == "0.21.0" else COPY_TABLE_TESTS)
-    assert sum(o == "passed" for o in resolution.values()) == (55 if version == "0.21.0" else 39)
-    assert not any(t in report["baseline"]["outcomes"] for t in [*resolution, *factory])
+    # 45 + 6 tests (+ 16 of lmcache's copy table on the 0.20/0.21 bases, which have one),
+    # passing whichever lmcache is installed (0.3.9.post2 on 0.12.0, which has no adapter: the
+    # tests give the connector lmcache-shaped fakes), none skipped. Six of the 45 are 0004's
+    # warnings: quiet where lmcache's module or class is missing (3), a warning with the
+    # traceback where it raises (1), an unrecognised variable named (2).
+    assert (len(resolution), len(copies), len(factory)) == (
+        (45, 16, 6) if version == "0.21.0" else (45, 0, 6)
+    )
+    assert set(resolution.values()) == set(factory.values()) == {"passed"}
+    assert set(copies.values()) <= {"passed"}
+    assert not any(t in report["baseline"]["outcomes"] for t in [*resolution, *copies, *factory])
     assert "passed" in report["baseline"]["outcomes"].values()
     assert (tmp_path / "report.md").read_text().startswith(f"# vLLM {version} connector unit tests")

@@ -48,6 +48,9 @@ MEASURED_FAILURE = {
 def _lmcache_advice(vllm_version: str) -> str:
     """Which lmcache releases the shipped pairing table (``matrix/matrix.json``) says work."""
     release = Version(vllm_version).public
+    manifest = load_manifest()
+    if release not in manifest.releases:
+        return manifest.not_carried(release)
     working = starts_with(shipped(), release, "patched")
     if working == "none":
         return (
@@ -133,14 +136,20 @@ class Diagnosis:
         return side
 
     @property
+    def fails_here(self) -> bool:
+        """The connector module does not import, or the chosen class fails its static check."""
+        return "import_error" in self.data or self.data.get("chosen_builds") is False
+
+    @property
+    def checked(self) -> bool:
+        """Something measured this pairing: a static failure here, or the pairing table for the
+        class chosen here (a static pass alone checks construction, not serving)."""
+        return self.fails_here or bool(self.measured.get("verdict"))
+
+    @property
     def ok(self) -> bool:
-        """The chosen class passes the static check and the table measured nothing against
-        it, or the table measured that it works."""
-        data = self.data
-        if "import_error" in data or data.get("chosen_builds") is False:
-            return False
-        verdict = self.measured.get("verdict")
-        return verdict in ("works", "serves") if verdict else data.get("chosen_builds") is True
+        """The pairing table measured that the class chosen here works (or serves)."""
+        return not self.fails_here and self.measured.get("verdict") in ("works", "serves")
 
     def fixes(self) -> list[str]:
         """What to do when the verdict fails."""
@@ -195,7 +204,19 @@ class Diagnosis:
         verdict = measured.get("verdict")
         if self.ok:
             return ["verdict: OK"]
-        if "import_error" in data or data.get("chosen_builds") is False:
+        if not self.checked:
+            built = (
+                f"{data['chosen']} constructs here, but nothing static tells whether it serves"
+                if data.get("chosen_builds")
+                else f"nothing static tells whether vLLM {data['vllm']}'s own connector starts"
+            )
+            return [
+                f"verdict: not checked: {built} with lmcache {data['lmcache']}, and the "
+                "pairing table has not measured them together",
+                "fix: check it here with vllm-patches doctor --live",
+                f"fix: or {self._series_fix() or _lmcache_advice(str(data['vllm']))}",
+            ]
+        if self.fails_here:
             error = data.get("chosen_error") or data.get("import_error", "")
             lines = [f"verdict: will fail when the engine starts: {_brief(error)}"]
         elif verdict in BAD_VERDICTS:
@@ -212,18 +233,10 @@ class Diagnosis:
                 "it fails on its first requests: "
                 + _brief(str(measured["error"]).removeprefix("engine loop: "))
             ]
-        elif verdict:
+        else:
             lines = [
                 "verdict: will fail when the engine starts, measured with the serving-engine "
                 f"steps (pairing table): {_brief(str(measured.get('error', '')))}"
-            ]
-        else:
-            return [
-                f"verdict: not checked: nothing static tells whether vLLM {data['vllm']}'s own "
-                f"connector starts with lmcache {data['lmcache']}, and the pairing table has "
-                "not measured them together",
-                "fix: check it here with vllm-patches doctor --live",
-                f"fix: or {self._series_fix() or _lmcache_advice(str(data['vllm']))}",
             ]
         return lines + [f"fix: {fix}" for fix in self.fixes()]
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
-from vllm_patches._proc import run_subprocess
+from packaging.version import Version
+
+from vllm_patches._proc import logger, run_subprocess
 from vllm_patches.errors import PatchToolError
 from vllm_patches.probes import PROBES
-from vllm_patches.sources.releases import cache_root, sdist_file
+from vllm_patches.sources.releases import cache_root, has_sdist, list_sdists, sdist_file
 
 PROBE = PROBES / "connector_build.py"
 COMPAT = PROBES / "compat"
@@ -54,13 +56,22 @@ HELPERS = "tests/v1/kv_connector/unit/utils.py"
 
 
 def scheduler_helpers(version: str) -> tuple[Path | None, str]:
-    """vLLM ``version``'s :data:`HELPERS` from its sdist (cached), or None and why not."""
+    """vLLM ``version``'s :data:`HELPERS` from its sdist (cached), or None and why not.
+
+    A release that ships wheels only (0.15.x) has no tests: the helpers of the newest
+    release before it with an sdist build its ``Scheduler`` (they call vLLM's public config
+    and scheduler API), and a log line says whose they are.
+    """
     try:
-        found = sdist_file(version, HELPERS)
-    except PatchToolError as exc:
+        source = version
+        if not has_sdist(version):
+            source = max((v for v in list_sdists() if Version(v) < Version(version)), key=Version)
+            logger.warning("vLLM %s ships no sdist: using vLLM %s's %s", version, source, HELPERS)
+        found = sdist_file(source, HELPERS)
+    except (PatchToolError, ValueError) as exc:
         return None, f"vLLM {version}'s test helpers (its sdist) could not be had: {exc}"
     if found is None:
-        return None, f"vLLM {version}'s sdist has no {HELPERS}"
+        return None, f"vLLM {source}'s sdist has no {HELPERS}"
     return found, ""
 
 

@@ -133,13 +133,16 @@ def start(python: Path, layer: Path | None, log_dir: Path, name: str) -> Server:
         )
     server = Server(f"tcp://127.0.0.1:{port}", log, process)
     deadline = time.monotonic() + START_SECONDS
-    while not _listening(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            how = "exited" if process.returncode else f"did not listen in {START_SECONDS:.0f} s"
-            msg = f"lmcache {name}: its server {how}: {_log_tail(log)}"
-            raise PatchToolError(msg)
-        time.sleep(0.2)
+    try:
+        while not _listening(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                how = "exited" if process.returncode else f"did not listen in {START_SECONDS:.0f} s"
+                msg = f"lmcache {name}: its server {how}: {_log_tail(log)}"
+                raise PatchToolError(msg)
+            time.sleep(0.2)
+    except BaseException:  # a timeout, Ctrl-C or SIGTERM while it starts: no orphan
+        server.stop()
+        raise
     logger.info("lmcache %s server on %s (log %s)", name, server.url, log)
     return server
 

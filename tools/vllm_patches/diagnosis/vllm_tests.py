@@ -60,8 +60,13 @@ GPU_HINTS = ("cuda", "gpu", "nvidia", "nccl", "device type", "triton")
 RESOLUTION_TESTS = "test_lmcache_mp_connector_resolution"
 """The series' test file of the builtin class and the resolution (0003, 0005): what goes
 upstream with 0002 and 0004."""
-SERIES_TESTS = (RESOLUTION_TESTS, "test_kv_connector_factory_module_path")
-"""The series' own test files in vLLM's tree; 0010 tests the factory."""
+SERIES_TESTS = (
+    RESOLUTION_TESTS,
+    "test_lmcache_mp_connector_copies",
+    "test_kv_connector_factory_module_path",
+)
+"""The series' own test files in vLLM's tree; 0012 tests the copy table of the 0.20/0.21
+bases, 0010 the factory."""
 
 
 @dataclass
@@ -250,6 +255,7 @@ def run_vllm_tests(
     """
     manifest = load_manifest()
     release = manifest.release(version)
+    fetch_sdist(version)  # vLLM's tests come from it: refused first where it ships none
     if change is None:
         change = {g.path: group_results(g)[1][-1] for g in release.groups}
     lmcache = lmcache or default_lmcache(version)

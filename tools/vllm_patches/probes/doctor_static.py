@@ -81,8 +81,9 @@ def series_module(vllm_module: ModuleType | None, overlay: str | None) -> Module
 
 def stand_in(adapter: type) -> type:
     """A class with ``adapter``'s name and signature whose construction does nothing. The
-    series' placeholder where lmcache has no adapter (``Any``) is kept: the builtin refuses it."""
-    if adapter is Any:
+    series' placeholder where lmcache has no adapter (``Any`` on the 0.12-0.18 bases, ``None``
+    on later ones) is kept: the builtin refuses it."""
+    if adapter is Any or adapter is None:
         return adapter
     namespace = {"__signature__": inspect.signature(adapter), "__init__": lambda _, **__: None}
     return type(adapter.__name__, (), namespace)

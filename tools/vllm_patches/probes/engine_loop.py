@@ -96,17 +96,31 @@ def load_utils(path: str) -> ModuleType:
 
 def make_config(utils: ModuleType, model_dir: str, server: str) -> Any:
     """The helper's VllmConfig for a local model (no tokenizer files here), prefix caching
-    off (every hit is the connector's), one step's output fed back before the next."""
+    off (every hit is the connector's), one step's output fed back before the next.
+
+    The helper is given the connector as serving names it, so that vLLM's own config checks
+    decide as they would there (vLLM 0.33 turns the hybrid KV cache manager off for a
+    connector without HMA support; built for the helper's default NixlConnector, the
+    scheduler then refuses LMCacheMPConnector).
+    """
+    transfer = transfer_config(server)
     real = utils.ModelConfig
     utils.ModelConfig = functools.partial(real, skip_tokenizer_init=True)
     try:
         config = fill(
             utils.create_vllm_config,
-            {"model": model_dir, "max_num_batched_tokens": CHUNK_TOKENS, "block_size": BLOCK_SIZE},
+            {
+                "model": model_dir,
+                "max_num_batched_tokens": CHUNK_TOKENS,
+                "block_size": BLOCK_SIZE,
+                "kv_connector": transfer.kv_connector,
+                "kv_role": transfer.kv_role,
+                "kv_connector_extra_config": transfer.kv_connector_extra_config,
+            },
         )
     finally:
         utils.ModelConfig = real
-    config.kv_transfer_config = transfer_config(server)
+    config.kv_transfer_config = transfer
     config.cache_config.enable_prefix_caching = False
     if hasattr(config.scheduler_config, "async_scheduling"):
         config.scheduler_config.async_scheduling = False

@@ -38,6 +38,7 @@ OVERLAY_DIR = REPO_ROOT / "vllm_overlay"
 MANIFEST = PATCHES_DIR / "series.toml"
 
 CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py"
+FACTORY = "vllm/distributed/kv_transfer/kv_connector/factory.py"
 PATCH_NAME = re.compile(r"^(\d{4})-[\w.-]+\.patch$")
 
 
@@ -88,6 +89,9 @@ class PatchInfo:
     """The upstream PR (``vllm-project/vllm#42596``), if it has one."""
     first_release: str = ""
     """The first vLLM release that contains the change, if upstream took it."""
+    only_before: str = ""
+    """The first vLLM release the change is not made for (the code it answers is gone there):
+    a rebase onto it or a later one leaves the patch out."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class Release:
     groups: tuple[Group, ...]
     upstream: tuple[str, ...] = ()
     """Numbers of patches this release already contains."""
+    wheel_only: bool = False
+    """The release ships wheels only (no sdist, so no tests): it gets the groups whose base
+    its official wheel's files equal, byte for byte, and no test patches."""
 
     @property
     def patch_files(self) -> list[Path]:
@@ -176,16 +183,34 @@ class Manifest:
                 f"{CONNECTOR} as this series patches it; use {known[0]} or later"
             )
         else:
-            msg = (
-                f"vLLM {version} has no series (supported: {known[0]} … {known[-1]}); "
-                f"make one with vllm-patches rebase --onto {version} in a clone of "
-                "vllm-lmcache-mp"
-            )
+            msg = self.not_carried(version)
         raise PatchToolError(msg)
 
     def groups_for(self, path: str) -> list[Group]:
         """Every group of one file."""
         return [g for g in self.groups.values() if g.path == path]
+
+    def same_files(self, files: dict[str, bytes | None]) -> Release | None:
+        """The newest release whose vLLM files (its groups outside ``tests/``) are, byte for
+        byte, ``files`` (by path): its series fits a release made of those files."""
+        for release in sorted(self.releases.values(), key=lambda r: Version(r.version))[::-1]:
+            installed = [g for g in release.groups if g.installed]
+            if installed and all(
+                files.get(g.path) is not None and sha256_bytes(files[g.path]) == g.base_sha256
+                for g in installed
+            ):
+                return release
+        return None
+
+    def not_carried(self, version: str) -> str:
+        """What to do with vLLM ``version``, in the series' span or newer, without a series."""
+        known = sorted(self.releases, key=Version)
+        return (
+            f"vLLM {version} has no series (supported: {known[0]} … {known[-1]}); the release "
+            "watcher carries each new release in a pull request (vllm-patches releases lists "
+            f"what is new); a contributor can carry it with vllm-patches watch --vllm {version} "
+            "in a clone of vllm-lmcache-mp"
+        )
 
 
 def load_manifest(path: Path = MANIFEST) -> Manifest:
@@ -229,6 +254,7 @@ def load_manifest(path: Path = MANIFEST) -> Manifest:
             version=version,
             groups=tuple(groups[g] for g in info.get("groups", ())),
             upstream=tuple(info.get("upstream", ())),
+            wheel_only=bool(info.get("wheel_only", False)),
         )
     if issues:
         msg = f"{path} is inconsistent: " + "; ".join(issues)

@@ -105,6 +105,8 @@ def dump_manifest(manifest: Manifest) -> str:
             out.append(f'upstream = "{info.upstream}"')
         if info.first_release:
             out.append(f'first_release = "{info.first_release}"')
+        if info.only_before:
+            out.append(f'only_before = "{info.only_before}"')
         out.append("")
     for group in manifest.groups.values():
         out += [
@@ -123,6 +125,8 @@ def dump_manifest(manifest: Manifest) -> str:
         ]
         if release.upstream:
             out.append(f"upstream = {_toml_list(release.upstream)}")
+        if release.wheel_only:
+            out.append("wheel_only = true")
         out.append("")
     if manifest.unsupported:
         out.append("[unsupported]")

@@ -70,6 +70,8 @@ class RebaseState:
     """Numbers whose change the new base already has."""
     emptied: list[str] = field(default_factory=list)
     """Numbers the user resolved to nothing."""
+    left_out: list[str] = field(default_factory=list)
+    """Numbers made only for releases before ``onto`` (``only_before``), not replayed."""
 
     @staticmethod
     def path(work: Path) -> Path:
@@ -91,6 +93,7 @@ class RebaseResult:
     source: str
     carried: list[str]
     in_base: list[str]
+    left_out: list[str]
     new_groups: list[str]
     reused_groups: list[str]
     range_diff: str
@@ -102,6 +105,11 @@ class RebaseResult:
         if self.in_base:
             out.append(
                 f"already in vLLM {self.onto}, dropped from its series: {' '.join(self.in_base)}"
+            )
+        if self.left_out:
+            out.append(
+                f"made for releases before vLLM {self.onto} only, left out: "
+                + " ".join(self.left_out)
             )
         out.append(f"new groups: {', '.join(self.new_groups) or 'none'}; "
                    f"reused: {', '.join(self.reused_groups) or 'none'}")  # fmt: skip
@@ -121,7 +129,9 @@ def _number(patch: str) -> str:
 
 
 def _source_release(manifest: Manifest, onto: str, source: str | None) -> Release:
-    with_series = sorted((v for v, r in manifest.releases.items() if r.groups), key=Version)
+    with_series = sorted(
+        (v for v, r in manifest.releases.items() if r.groups and not r.wheel_only), key=Version
+    )
     if source is None:
         older = [v for v in with_series if Version(v) < Version(onto)]
         if not older:
@@ -180,7 +190,13 @@ def start(
         msg = f"vLLM {onto} has no {CONNECTOR}; the series cannot be carried onto it"
         raise PatchToolError(msg)
     old_base = checkout(release.version)
-    patches = [str(p.relative_to(PATCHES_DIR)) for p in release.patch_files]
+    patches, left_out = [], []
+    for path in release.patch_files:
+        before = manifest.patches[_number(path.name)].only_before
+        if before and Version(onto) >= Version(before):
+            left_out.append(_number(path.name))
+        else:
+            patches.append(str(path.relative_to(PATCHES_DIR)))
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
         run_git(["clone", "-q", "--no-checkout", str(pinned), str(work)], work.parent)
@@ -199,7 +215,9 @@ def start(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    state = RebaseState(onto=onto, source=release.version, patches=patches, old_tip=old_tip)
+    state = RebaseState(
+        onto=onto, source=release.version, patches=patches, old_tip=old_tip, left_out=left_out
+    )
     state.save(work)
     return _replay(work, state)
 
@@ -289,7 +307,8 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
             # "No changes -- Patch already applied.": the base has the change.
             state.in_base.append(_number(patch))
         elif proc.returncode != 0:
-            if not _unmerged(work) and _index_is_head(work):
+            if not _unmerged(work) and _index_is_head(work) and not _missing_preimages(work, patch):
+                # Merged to no change: the base has it.
                 run_git(["am", "--skip"], work, env=GIT_IDENTITY)
                 state.in_base.append(_number(patch))
             else:
@@ -300,14 +319,36 @@ def _replay(work: Path, state: RebaseState) -> RebaseResult:
     return _finish(work, state)
 
 
+def _missing_preimages(work: Path, patch: str) -> list[str]:
+    """The files' blobs the patch was made against (its ``index`` lines) that ``work`` lacks.
+
+    The replay of the series on its own base makes every blob a patch names, unless a patch
+    before it was edited by hand: then ``git am -3`` cannot merge, and changes nothing.
+    """
+    text = (PATCHES_DIR / patch).read_text(errors="replace")
+    blobs = {b for b in re.findall(r"^index ([0-9a-f]+)\.\.", text, re.MULTILINE) if b.strip("0")}
+    return sorted(
+        b for b in blobs if run_git_unchecked(["cat-file", "-e", f"{b}^{{blob}}"], work).returncode
+    )
+
+
 def _conflict(work: Path, state: RebaseState, output: str) -> ReportedError:
     patch = state.patches[state.next]
     files = _unmerged(work)
     if not files:
-        # git could not even merge (a blob it needs is missing): nothing to resolve in place.
+        # git could not even merge: nothing to resolve in place.
+        missing = _missing_preimages(work, patch)
         run_git(["am", "--abort"], work, check=False)
         shutil.rmtree(work)
-        msg = f"patch {patch} does not apply to vLLM {state.onto}: {output.strip()[-300:]}"
+        if missing:
+            msg = (
+                f"patch {patch} does not apply to vLLM {state.onto}, and git cannot merge it: "
+                f"it was made against blob {missing[0][:12]}, which the patches before it do not "
+                f"produce (was one of them edited by hand?); export the series again from its "
+                f"commits with git format-patch"
+            )
+        else:
+            msg = f"patch {patch} does not apply to vLLM {state.onto}: {output.strip()[-300:]}"
         raise PatchToolError(msg)
     hunks = run_git(["diff", "--no-color", "--", *files], work)
     report = "\n".join(
@@ -484,6 +525,7 @@ def _finish(work: Path, state: RebaseState) -> RebaseResult:
         source=state.source,
         carried=[_number(p) for p in carried],
         in_base=state.in_base,
+        left_out=state.left_out,
         new_groups=list(new_dirs),
         reused_groups=[g.name for g in groups if g.name not in new_dirs],
         range_diff=range_diff,

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from vllm_patches._proc import logger, run_subprocess
-from vllm_patches.sources.releases import cache_root, fetch_sdist
+from vllm_patches.sources.releases import (
+    cache_root,
+    download_wheel,
+    fetch_sdist,
+    has_sdist,
+    wheel_requirements,
+)
 
 TORCH = "torch==2.13.0"
 BUILD_DEPS = (
@@ -40,6 +51,9 @@ DEFAULT_LMCACHE = (
 # triton-cpu from 0.34.0 on (a wheel no package index serves); those releases keep the
 # "+empty" label, on which vLLM runs its unspecified platform (no device code is needed here).
 CPU_LABEL_BEFORE = Version("0.34.0")
+# What an official (CUDA) wheel requires that is built for its own torch and CUDA: the venv
+# keeps TORCH instead.
+GPU_ONLY = frozenset({"torch", "torchaudio", "torchvision", "flashinfer-python", "xformers"})
 # What vLLM's own connector tests need beyond vLLM itself (tests/conftest.py, ray, msgpack users).
 TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
@@ -80,7 +94,8 @@ def venv_dir(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
 def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> Path:
     """A cached venv with vLLM ``version`` (``empty`` target) and lmcache.
 
-    :param version: the vLLM release; built from its sdist as ``X+cpu`` (see :func:`build_label`).
+    :param version: the vLLM release; built from its sdist as ``X+cpu`` (see :func:`build_label`),
+        or, for a release that ships wheels only, its official wheel.
     :param lmcache: the lmcache release to install, or None for none.
     :param test_deps: also install what vLLM's connector unit tests need.
     :returns: the venv's python.
@@ -90,20 +105,42 @@ def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
     marker = venv / ".complete"
     if marker.is_file():
         return python
+    with _building(venv):
+        if marker.is_file():  # another process built it while this one waited
+            return python
+        _build(venv, version, lmcache, test_deps=test_deps)
+    return python
+
+
+@contextlib.contextmanager
+def _building(venv: Path) -> Iterator[None]:
+    """Hold the lock of ``venv``'s build: one process builds a venv, the others wait for it
+    (two builders would remove each other's half-built trees)."""
+    lock = venv.parent / ".locks" / f"{venv.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("waiting for another process that builds %s", venv)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build(venv: Path, version: str, lmcache: str | None, *, test_deps: bool) -> None:
+    """Build ``venv`` anew (what an interrupted build left is removed first)."""
+    python = venv_python(venv)
+    marker = venv / ".complete"
     if venv.exists():
         shutil.rmtree(venv)
-    sdist = fetch_sdist(version)
     logger.warning("building %s (a few minutes, cached afterwards)", venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     run_subprocess([sys.executable, "-m", "venv", venv], what="python -m venv")
     try:
-        pip(python, "install", "-q", TORCH, *BUILD_DEPS)
-        build_env = {
-            "VLLM_TARGET_DEVICE": "empty",
-            "VLLM_VERSION_OVERRIDE": f"{version}+{build_label(version)}",
-            "MAX_JOBS": str(os.cpu_count() or 2),
-        }
-        pip(python, "install", "-q", "--no-build-isolation", str(sdist), env=build_env)
+        if has_sdist(version):
+            _build_from_sdist(python, version)
+        else:
+            _install_official_wheel(python, version)
         extra = [f"lmcache=={lmcache}"] if lmcache else []
         if test_deps:
             extra += TEST_DEPS
@@ -113,7 +150,36 @@ def vllm_env(version: str, lmcache: str | None, *, test_deps: bool = False) -> P
         shutil.rmtree(venv, ignore_errors=True)
         raise
     marker.write_text(f"vllm {version}\nlmcache {lmcache}\n")
-    return python
+
+
+def _build_from_sdist(python: Path, version: str) -> None:
+    """vLLM ``version`` built from its sdist for the ``empty`` target, beside :data:`TORCH`."""
+    sdist = fetch_sdist(version)
+    pip(python, "install", "-q", TORCH, *BUILD_DEPS)
+    build_env = {
+        "VLLM_TARGET_DEVICE": "empty",
+        "VLLM_VERSION_OVERRIDE": f"{version}+{build_label(version)}",
+        "MAX_JOBS": str(os.cpu_count() or 2),
+    }
+    pip(python, "install", "-q", "--no-build-isolation", str(sdist), env=build_env)
+
+
+def _install_official_wheel(python: Path, version: str) -> None:
+    """vLLM ``version``'s official wheel (a release without an sdist), beside :data:`TORCH`.
+
+    The wheel is a CUDA build: its compiled ops do not load here and its CUDA-only
+    requirements (:data:`GPU_ONLY`) are left out; vLLM then runs its unspecified platform,
+    as an ``empty`` build does.
+    """
+    wheel = download_wheel(version)
+    needs = [
+        str(req)
+        for req in map(Requirement, wheel_requirements(version))
+        if canonicalize_name(req.name) not in GPU_ONLY
+        and (req.marker is None or req.marker.evaluate({"extra": ""}))
+    ]
+    pip(python, "install", "-q", TORCH, *needs)
+    pip(python, "install", "-q", "--no-deps", str(wheel))
 
 
 def lmcache_layer(python: Path, lmcache: str) -> Path:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from packaging.version import Version
+
 from vllm_patches.errors import PatchToolError
-from vllm_patches.series.manifest import CONNECTOR, Manifest, Release, load_manifest
+from vllm_patches.series.manifest import CONNECTOR, FACTORY, Manifest, Release, load_manifest
 from vllm_patches.targets.base import Outcome, Place
 from vllm_patches.targets.checkout import GitCheckout
 from vllm_patches.targets.find import Target
@@ -64,6 +66,18 @@ def _release(manifest: Manifest, place: Place) -> Release:
             "shipped in vLLM 0.11.1 and the series starts at 0.12.0"
         )
         raise PatchToolError(msg)
+    if target.version not in manifest.releases and Version(target.version) > max(
+        map(Version, manifest.releases)
+    ):
+        files = {path: place.read(path) for path in (CONNECTOR, FACTORY)}
+        same = manifest.same_files(files)
+        if same is not None:
+            msg = (
+                f"vLLM {target.version} has no series yet, but its {CONNECTOR} and "
+                f"{FACTORY} are byte for byte vLLM {same.version}'s: apply that series with "
+                f"--vllm-version {same.version}"
+            )
+            raise PatchToolError(msg)
     return manifest.release(target.version)
 
 

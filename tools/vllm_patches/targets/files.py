@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,19 +21,40 @@ def journal_of(target: Target) -> Path:
     return (target.dist_info or target.root) / JOURNAL_NAME
 
 
+PROBE_PREFIX = ".vllm-patches-probe-"
+"""The name of the file a writability check makes where the file system has no unnamed ones."""
+
+
+def _probe(directory: Path) -> None:
+    """Create a file in ``directory`` and let it go: an unnamed one (``O_TMPFILE``), which a
+    crash cannot leave behind, else a named one removed at once."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd, name = tempfile.mkstemp(dir=directory, prefix=PROBE_PREFIX)
+        Path(name).unlink()
+    os.close(fd)
+
+
 def check_writable(dirs: set[Path], what: str) -> None:
-    """Refuse, naming the first directory (or its nearest existing parent) that is read-only."""
+    """Refuse, naming the first directory (or its nearest existing parent) that is read-only.
+
+    A named probe an earlier run left there (killed between creating and removing it) is
+    removed first.
+    """
     for directory in sorted(dirs):
         probe_dir = directory
         while not probe_dir.exists():
             probe_dir = probe_dir.parent
         try:
-            fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".vllm-patches-probe-")
+            for stale in probe_dir.glob(PROBE_PREFIX + "*"):
+                stale.unlink(missing_ok=True)
+            _probe(probe_dir)
         except OSError as exc:
             msg = f"{probe_dir} is not writable ({exc.strerror}); {what}"
             raise PatchToolError(msg) from None
-        os.close(fd)
-        Path(probe).unlink()
 
 
 def _series_bytes(group: Group, data: bytes | None, *, reverse: bool) -> bytes | None:

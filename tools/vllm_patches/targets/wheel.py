@@ -456,12 +456,13 @@ def pip_wheel(python: Path, source: Path, out_dir: Path, version: str, device: s
 
 def build_from_source(version: str, device: str, out_dir: Path) -> Path:
     """A wheel built from the pinned checkout of ``version`` with the series applied."""
-    from vllm_patches.sources.releases import checkout
+    from vllm_patches.sources.releases import checkout, fetch_sdist
     from vllm_patches.sources.venvs import default_lmcache, vllm_env
     from vllm_patches.targets.apply import apply
     from vllm_patches.targets.find import resolve_target
 
     release = load_manifest().release(version)
+    fetch_sdist(version)  # refused first where it ships none
     python = vllm_env(version, default_lmcache(version))  # torch + vLLM's build deps, cached
     with tempfile.TemporaryDirectory(prefix="vllm-patches-src-") as tmp:
         tree = checkout(version, Path(tmp) / "vllm")

@@ -145,11 +145,13 @@ def measured(vllm_versions: list[str], lmcache_versions: list[str]) -> dict:
         commit = run_git(["rev-parse", "HEAD"], REPO_ROOT).strip()
     except PatchToolError:
         commit = "unknown (not run from a clone)"
+    today = datetime.date.today().isoformat()
     return {
-        "date": datetime.date.today().isoformat(),
+        "date": today,
         "commit": commit,
         "vllm": sorted(vllm_versions, key=Version),
         "lmcache": sorted(lmcache_versions, key=Version),
+        "rows": {v: [_stamp(today, commit, lmcache_versions)] for v in vllm_versions},
     }
 
 
@@ -271,19 +273,55 @@ def merge(parts: list[dict], onto: dict | None = None) -> dict:
         for key in ("seconds", "setup_seconds"):
             for version, seconds in part.get(key, {}).items():
                 merged[key][version] = round(merged[key].get(version, 0) + seconds, 1)
-    stamps = [part["measured"] for part in parts if "measured" in part]
+    stamps = [part["measured"] for part in parts if part.get("measured")]
     if onto is not None:
         for key in ("cells", "seconds", "setup_seconds", "servers"):
             merged[key] = {**onto.get(key, {}), **merged[key]}
-        stamps.append(onto.get("measured", {}))
     merged["cells"] = dict(sorted(merged["cells"].items(), key=lambda kv: cell_key(kv[0])))
     merged["servers"] = dict(sorted(merged["servers"].items(), key=lambda kv: Version(kv[0])))
-    stamps = [s for s in stamps if s]
+    # Each cell keeps the date and commit it was measured with: a row's stamps, newest first,
+    # each naming the lmcache releases it still holds (a later shard over an earlier one, the
+    # shards over the earlier table, as for the cells).
+    rows: dict[str, list[dict]] = {}
+    for stamp in reversed(stamps):
+        _lay_under(rows, _row_stamps(stamp))
+    if onto is not None and onto.get("measured"):
+        stamps.append(onto["measured"])
+        _lay_under(rows, _row_stamps(onto["measured"]))
     if stamps:
         merged["measured"] = {
             "date": max(s["date"] for s in stamps),
             "commit": ", ".join(dict.fromkeys(s["commit"] for s in stamps)),
             "vllm": sorted({v for s in stamps for v in s["vllm"]}, key=Version),
             "lmcache": sorted({lm for s in stamps for lm in s["lmcache"]}, key=Version),
+            "rows": dict(sorted(rows.items(), key=lambda kv: Version(kv[0]))),
         }
     return merged
+
+
+def _stamp(date: str, commit: str, lmcache: list[str]) -> dict:
+    return {"date": date, "commit": commit, "lmcache": sorted(lmcache, key=Version)}
+
+
+def _row_stamps(stamp: dict) -> dict[str, list[dict]]:
+    """When and with which commit each cell of a table was measured, by row.
+
+    A table written before cells kept their own stamps knows that only if one run wrote it.
+    """
+    if "rows" in stamp:
+        return stamp["rows"]
+    if ", " in stamp["commit"]:
+        return {}
+    return {v: [_stamp(stamp["date"], stamp["commit"], stamp["lmcache"])] for v in stamp["vllm"]}
+
+
+def _lay_under(rows: dict[str, list[dict]], older: dict[str, list[dict]]) -> None:
+    """Add ``older``'s stamps after ``rows``' own, for the lmcache releases not yet stamped."""
+    for version, stamps in older.items():
+        have = rows.setdefault(version, [])
+        covered = {lm for s in have for lm in s["lmcache"]}
+        for s in stamps:
+            left = [lm for lm in s["lmcache"] if lm not in covered]
+            if left:
+                have.append({**s, "lmcache": left})
+                covered.update(left)

@@ -10,7 +10,12 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from vllm_patches.sources.releases import final_releases, read_sdist_file
+from vllm_patches.sources.releases import (
+    final_releases,
+    has_sdist,
+    read_sdist_file,
+    wheel_requirements,
+)
 
 
 def _requirements(lines: Iterable[str]) -> list[Requirement]:
@@ -31,7 +36,10 @@ def _requirements(lines: Iterable[str]) -> list[Requirement]:
 
 @functools.cache
 def _vllm_requirements(version: str) -> tuple[Requirement, ...]:
-    """What vLLM ``version`` requires on every platform (its ``requirements/common.txt``)."""
+    """What vLLM ``version`` requires on every platform (its ``requirements/common.txt``; for
+    a release that ships wheels only, what its official wheel requires)."""
+    if not has_sdist(version):
+        return tuple(_requirements(wheel_requirements(version)))
     data = read_sdist_file(version, "requirements/common.txt") or b""
     return tuple(_requirements(data.decode().splitlines()))
 

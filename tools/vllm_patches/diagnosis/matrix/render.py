@@ -190,10 +190,12 @@ def pairs_lines(answer: dict) -> list[str]:
             f"vllm-patches matrix --vllm {answer['vllm']} --lmcache all"
         )
     stamp = answer["measured"]
-    if stamp:
-        lines.append(
-            f"measured {stamp.get('date')} (vllm-lmcache-mp {stamp.get('commit', '')[:12]})"
-        )
+    row = stamp.get("rows", {}).get(answer["vllm"], [])
+    cell = [s for s in row if best is not None and best["lmcache"] in s["lmcache"]]
+    if cell:  # the recommended cell's
+        lines.append(f"measured {cell[0]['date']} (vllm-lmcache-mp {cell[0]['commit'][:12]})")
+    elif stamp:  # no recommendation, or a cell merged before cells kept their own stamps
+        lines.append(f"measured on or before {stamp['date']}")
     return lines
 
 

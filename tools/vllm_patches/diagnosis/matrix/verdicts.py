@@ -203,9 +203,14 @@ def pairs(result: dict, version: str) -> dict:
     release = Version(version).public
     versions, lmcaches = table_axes(result)
     if release not in versions:
+        newest = max(versions, key=Version)
         msg = (
-            f"vLLM {release} is not in the pairing table ({versions[0]} … {versions[-1]}); "
-            "measure it with vllm-patches matrix --vllm " + release
+            f"vLLM {release} is newer than the pairing table (newest: {newest}); the release "
+            "watcher measures a new release's row in the pull request that carries the series "
+            f"onto it (vllm-patches releases lists what is new)"
+            if Version(release) > Version(newest)
+            else f"vLLM {release} is not in the pairing table ({versions[0]} … {versions[-1]}); "
+            f"measure it with vllm-patches matrix --vllm {release}"
         )
         raise PatchToolError(msg)
     rows = []
