@@ -88,3 +88,27 @@ def test_one_process_builds_a_venv_and_the_others_wait_for_it(tmp_path, monkeypa
     assert builds == ["vllm-0.21.0-lmcache-0.5.3"]
     assert found == [tmp_path / "venvs/vllm-0.21.0-lmcache-0.5.3/bin/python"] * 2
     assert "waiting for another process that builds" in caplog.text
+
+
+def test_the_cached_venvs_share_their_identical_files(tmp_path):
+    big = bytes(range(256)) * 400  # 100 KiB: over the 64 KiB hardlink looks at
+    for name in ("vllm-a", "vllm-b", "vllm-half-built"):
+        site = tmp_path / name / "lib" / "site-packages"
+        site.mkdir(parents=True)
+        (site / "libtorch.so").write_bytes(big)
+        (site / "small.py").write_bytes(b"x" * 100)
+        (site / "own.so").write_bytes(big + name.encode())
+    for name in ("vllm-a", "vllm-b"):
+        (tmp_path / name / ".complete").write_text("vllm\n")
+
+    venvs.share_identical_files(tmp_path)
+
+    def inode(name, file):
+        return (tmp_path / name / "lib" / "site-packages" / file).stat().st_ino
+
+    assert inode("vllm-a", "libtorch.so") == inode("vllm-b", "libtorch.so")
+    # A venv still being built is left alone; small and differing files keep their own copies.
+    assert inode("vllm-half-built", "libtorch.so") != inode("vllm-a", "libtorch.so")
+    assert inode("vllm-a", "small.py") != inode("vllm-b", "small.py")
+    assert inode("vllm-a", "own.so") != inode("vllm-b", "own.so")
+    assert (tmp_path / "vllm-b" / "lib" / "site-packages" / "libtorch.so").read_bytes() == big

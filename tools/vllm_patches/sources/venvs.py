@@ -150,6 +150,26 @@ def _build(venv: Path, version: str, lmcache: str | None, *, test_deps: bool) ->
         shutil.rmtree(venv, ignore_errors=True)
         raise
     marker.write_text(f"vllm {version}\nlmcache {lmcache}\n")
+    share_identical_files(venv.parent)
+
+
+def share_identical_files(venvs: Path) -> None:
+    """Hard-link the files that the complete venvs under ``venvs`` hold byte for byte.
+
+    torch, triton and most of vLLM's requirements are the same in every venv: a dozen venvs
+    then take the disk of a few (a CI machine's disk filled without this). util-linux's
+    ``hardlink`` does it, where it is installed; without it nothing changes. The venvs stay
+    independent: pip and ``apply`` replace a file by a new one, never write into it.
+    """
+    tool = shutil.which("hardlink")
+    complete = sorted(marker.parent for marker in venvs.glob("*/.complete"))
+    if tool is None or len(complete) < 2:
+        return
+    done = run_subprocess(
+        [tool, "--quiet", "--ignore-time", "--minimum-size", "64K", *complete], check=False
+    )
+    if done.returncode:
+        logger.warning("hardlink left the cached venvs' copies apart: %s", done.stderr.strip())
 
 
 def _build_from_sdist(python: Path, version: str) -> None:
