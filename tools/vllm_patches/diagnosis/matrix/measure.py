@@ -135,7 +135,7 @@ def _steps(chosen: CandidateBuild) -> dict[str, object]:
     if chosen.get("geometry_error"):
         found["geometry error"] = chosen["geometry_error"]
     if "second_lookup" in chosen:
-        found["store, then lookup"] = chosen["second_lookup"]
+        found["same prompt looked up again (nothing stored)"] = chosen["second_lookup"]
     return found
 
 
