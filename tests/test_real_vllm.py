@@ -97,12 +97,11 @@ def test_unpatched_resolution(patched):
 
 
 def test_env_zero_forced_the_builtin_upstream_and_no_longer_does(patched):
-    """vLLM 0.22.0+ (#42596): LMCACHE_USE_UPSTREAM_MP=0 forced the builtin; patched, it does not."""
+    """LMCACHE_USE_UPSTREAM_MP=0: vLLM 0.22.0+ (#42596) reads any non-empty value as "force
+    the builtin", earlier releases do not read it; patched, "0" prefers lmcache's class."""
     version, python, _, unpatched = patched
-    if version != "0.33.0":
-        pytest.skip("the variable exists from vLLM 0.22.0 on")
-    assert unpatched["0"].cls == BUILTIN
-    assert probe(python, {"LMCACHE_USE_UPSTREAM_MP": "0"}).cls == MAIN
+    assert unpatched["0"].cls == (BUILTIN if version == "0.33.0" else UNPATCHED)
+    assert probe(python, {"LMCACHE_USE_UPSTREAM_MP": "0"}).cls == DEFAULT[version]
 
 
 def test_status_is_patched(patched):
