@@ -185,7 +185,8 @@ def run_matrix(
     (one server per release, started on first use and reused by every row and side).
 
     :param discard_venvs: remove each vLLM venv this run built once its cells are measured
-        (the cache otherwise keeps ~3.5 GB per vLLM release).
+        (the cache otherwise keeps ~1 GB per vLLM release beside the others: they share what
+        is identical).
     :param log_dir: where the servers' logs go (a temporary directory otherwise).
     :returns: ``cells`` by ``"vllm|lmcache"``; per vLLM release the ``setup_seconds`` (venv
         and lmcache layers) and the ``seconds`` its cells took; ``servers``: per lmcache
