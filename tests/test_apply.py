@@ -200,33 +200,37 @@ def test_site_round_trip_without_git(manifest, fake_site, apply_cli, cli, withou
 def test_a_newer_release_with_known_files_is_offered_their_series(git_tree, cli, apply_cli):
     """A release newer than the series whose connector and factory are a known release's
     (here 0.33.0's files, labelled 0.99.0) is offered that release's series."""
-    tree = git_tree("0.33.0")
-    before = tree_snapshot(tree)
-    code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
-    assert code == 1 and out == ""
-    assert err == (
+    _refused_as_0_99_0(
+        git_tree("0.33.0"),
+        cli,
+        apply_cli,
         "error: vLLM 0.99.0 has no series yet, but its "
         "vllm/distributed/kv_transfer/kv_connector/v1/lmcache_mp_connector.py and "
         "vllm/distributed/kv_transfer/kv_connector/factory.py are byte for byte vLLM "
-        "0.33.0's: apply that series with --vllm-version 0.33.0\n"
+        "0.33.0's: apply that series with --vllm-version 0.33.0\n",
     )
-    assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
-    assert tree_snapshot(tree) == before
 
 
 def test_a_newer_release_with_new_files_is_sent_to_the_watcher(plain_tree, cli, apply_cli):
     tree = plain_tree("0.33.0")
     factory = tree / "vllm/distributed/kv_transfer/kv_connector/factory.py"
     factory.write_text(factory.read_text() + "# changed in 0.99.0\n")
-    before = tree_snapshot(tree)
-    code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
-    assert code == 1 and out == ""
-    assert err == (
+    _refused_as_0_99_0(
+        tree,
+        cli,
+        apply_cli,
         "error: vLLM 0.99.0 has no series (supported: 0.12.0 … 0.34.0); the release watcher "
         "carries each new release in a pull request (vllm-patches releases lists what is "
         "new); a contributor can carry it with vllm-patches watch --vllm 0.99.0 in a clone "
-        "of vllm-lmcache-mp\n"
+        "of vllm-lmcache-mp\n",
     )
+
+
+def _refused_as_0_99_0(tree, cli, apply_cli, expected: str) -> None:
+    """``status`` and ``apply`` of ``tree`` labelled 0.99.0 stop with ``expected``, untouched."""
+    before = tree_snapshot(tree)
+    code, out, err = cli("status", tree, "--vllm-version", "0.99.0")
+    assert (code, out, err) == (1, "", expected)
     assert apply_cli(tree, "--vllm-version", "0.99.0")[:2] == (1, "")
     assert tree_snapshot(tree) == before
 
