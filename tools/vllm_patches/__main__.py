@@ -473,7 +473,10 @@ def _add_release_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--discard-venvs",
         action="store_true",
-        help="remove each vLLM venv the run built once measured (~1 GB each beside other cached venvs, whose identical files they share)",
+        help=(
+            "remove each vLLM venv the run built once measured (~1 GB each beside the other "
+            "cached venvs, whose identical files they share)"
+        ),
     )
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge shards' matrix.json files")
     p.add_argument(
