@@ -11,9 +11,6 @@ from vllm_patches.diagnosis.matrix.verdicts import shipped
 from vllm_patches.series.manifest import load_manifest
 from vllm_patches.sources.releases import final_releases, list_sdists
 
-FIRST_VLLM = "0.12.0"
-"""The oldest vLLM release the series carries."""
-
 
 @dataclass(frozen=True)
 class News:
@@ -74,7 +71,7 @@ def news() -> News:
     manifest = load_manifest()
     known = set(manifest.releases) | set(manifest.unsupported)
     newest = max(manifest.releases, key=Version)
-    on_index = final_releases("vllm", FIRST_VLLM)
+    on_index = final_releases("vllm", min(manifest.releases, key=Version))
     newer = [v for v in on_index if Version(v) > Version(newest)]
     sdists = list_sdists() if newer else {}
     table = shipped()["measured"]
