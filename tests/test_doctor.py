@@ -350,8 +350,8 @@ def test_static_doctor_fails_where_the_table_measured_a_hang_it_cannot_see():
     assert not diagnosis.ok
     lines = diagnosis.lines()
     assert lines[-3].startswith(
-        "verdict: it starts, but measured with the serving-engine steps (pairing table) an "
-        "engine hangs on its first request: scheduler round trip: hangs: scheduler "
+        "verdict: it starts, but measured with the serving-engine steps (pairing table) the "
+        "engine would hang on its first requests: scheduler round trip: hangs: scheduler "
         "get_num_new_matched_tokens did not return in 30 s; blocked in "
     )
     assert lines[-2].startswith("fix: with the series applied, install lmcache 0.4.6 (lmcache main")
@@ -364,7 +364,7 @@ def test_static_doctor_fails_where_the_table_measured_the_wrong_geometry():
     diagnosis = _static("0.19.1", "0.4.7", patched=False, chosen=UNPATCHED, builds=None)
     assert not diagnosis.ok
     assert (
-        "(pairing table) a tensor-parallel worker reads and writes the wrong KV pieces: "
+        "(pairing table) a tensor-parallel worker would read and write the wrong KV pieces: "
         "rank 1 of TP 2, mla on: sent {'kv_world_size': 1, 'kv_worker_id': 0, 'is_kv_writer': "
         "True}"
     ) in diagnosis.lines()[-3]
@@ -399,3 +399,66 @@ def test_static_doctor_reads_a_failure_the_table_measured_where_nothing_static_t
     # ... and one it measured serving, through vLLM's scheduler loop.
     diagnosis = _static("0.21.0", "0.4.6", patched=False, chosen=UNPATCHED, builds=None)
     assert diagnosis.measured["verdict"] == "serves" and diagnosis.ok
+
+
+def _served_without_a_hit(lmcache: str) -> dict:
+    loop = {
+        "verdict": "serves",
+        "steps": 526,
+        "preemptions": 3,
+        "delayed_frees": 6,
+        "hit": False,
+        "round_trip": "no hit: id-200 of the second wave got nothing from the connector",
+    }
+    chosen = {**_works(BUILTIN), "verdict": "serves", "engine_loop": loop, "builtin": True}
+    return {
+        "vllm": "0.34.0+cpu",
+        "lmcache": lmcache,
+        "patched": True,
+        "server": "tcp://127.0.0.1:1",
+        "candidates": [chosen],
+        "chosen": BUILTIN,
+        "chosen_build": chosen,
+    }
+
+
+def test_doctor_live_without_a_hit_passes_only_where_the_table_found_no_round_trip_possible(
+    monkeypatch,
+):
+    """The loop served, but its second wave got nothing back: fine with an lmcache release
+    whose CPU round trip the table measured as not possible (said, with why); a failure with
+    one the table measured loading equal bytes."""
+    served = "serves (526 steps, 3 preempted, 6 delayed frees; round trip: {})"
+    table = {
+        "cells": {
+            "0.25.1|0.5.4": {
+                "patched": {"candidates": {"lmcache main": served.format("no hit: id-200")}}
+            },
+            "0.25.1|0.5.6": {
+                "patched": {
+                    "candidates": {
+                        "lmcache main": served.format(
+                            "2 requests of the second wave loaded 512 to 512 of 544 prompt "
+                            "tokens, every one equal to what the first wave wrote"
+                        )
+                    }
+                }
+            },
+        }
+    }
+    monkeypatch.setattr("vllm_patches.diagnosis.doctor.shipped", lambda: table)
+    impossible = LiveDiagnosis(_served_without_a_hit("0.5.4"))
+    assert impossible.ok
+    assert (
+        "KV round trip on a CPU (pairing table): not possible on a CPU: the second wave got no "
+        "hit from any connector that served (lmcache main) on any vLLM measured "
+        "(0.25.1)"
+    ) in impossible.lines()
+    possible = LiveDiagnosis(_served_without_a_hit("0.5.6"))
+    assert not possible.ok
+    assert possible.lines()[-2].startswith(
+        "verdict: the engine would serve without its cache: vLLM's scheduler loop serves "
+        "(526 steps, 3 preempted, 6 delayed frees; round trip: no hit: id-200 of the second "
+        "wave got nothing from the connector), where the pairing table loaded equal bytes with "
+        "lmcache 0.5.6"
+    )

@@ -11,6 +11,7 @@ from conftest import SUPPORTED
 from packaging.version import Version
 from vllm_patches.diagnosis.matrix import (
     FIRST_LMCACHE,
+    cpu_round_trips,
     disagreements,
     merge,
     pairs,
@@ -20,6 +21,7 @@ from vllm_patches.diagnosis.matrix import (
     summary,
     verdict,
 )
+from vllm_patches.diagnosis.matrix.verdicts import cell_round_trip, round_trip
 from vllm_patches.series.manifest import REPO_ROOT
 from vllm_patches.sources.releases import final_releases
 from vllm_patches.sources.venvs import default_lmcache, lmcache_layer
@@ -288,3 +290,69 @@ def test_rows_not_yet_through_the_scheduler_loop_are_marked_and_explained():
     one_step = "measured with the one-step probe, not yet through vLLM's scheduler loop"
     assert any(one_step in line for line in pairs_lines(pairs(result, "0.33.0")))
     assert not any(one_step in line for line in pairs_lines(pairs(result, "0.34.0")))
+
+
+SERVED_HIT = (
+    "serves (487 steps, 19 preempted, 6 delayed frees; round trip: 2 requests of the second "
+    "wave loaded 512 to 512 of 544 prompt tokens, every one equal to what the first wave wrote)"
+)
+SERVED_NO_HIT = (
+    "serves (526 steps, 3 preempted, 6 delayed frees; round trip: no hit: id-200 of the second "
+    "wave got nothing from the connector)"
+)
+
+
+def _looped(chosen: str, texts: dict[str, str]) -> dict:
+    cell = _cell(True, chosen)
+    cell["patched"] = {**cell["patched"], "candidates": texts}
+    return cell
+
+
+def test_a_cpu_round_trip_is_judged_per_lmcache_release_from_every_loop_that_served():
+    main = "lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector"
+    result = {
+        "cells": {
+            "0.25.1|0.5.4": _looped(main, {"lmcache main": SERVED_NO_HIT}),
+            "0.34.0|0.5.4": _looped(BUILTIN, {"builtin": SERVED_NO_HIT}),
+            "0.25.1|0.5.5": _looped(main, {"lmcache main": SERVED_HIT}),
+            "0.34.0|0.5.5": _looped(BUILTIN, {"builtin": SERVED_NO_HIT}),
+        },
+        "seconds": {},
+    }
+    assert cpu_round_trips(result) == {
+        "0.5.4": "not possible on a CPU: the second wave got no hit from any connector that "
+        "served (builtin, lmcache main) on any vLLM measured (0.25.1\N{EN DASH}0.34.0, "
+        "2 releases)",
+        "0.5.5": "possible: equal bytes loaded on vLLM 0.25.1",
+    }
+    assert disagreements(result) == []
+    assert pairs(result, "0.25.1")["round_trip"] == (
+        "equal bytes loaded, measured through vLLM's scheduler loop"
+    )
+    assert cell_round_trip(result, "0.34.0", "0.5.4") == cpu_round_trips(result)["0.5.4"]
+    assert "- lmcache 0.5.4: not possible on a CPU: " in summary(result)
+
+
+def test_a_chosen_class_without_a_hit_where_another_candidate_hit_is_a_disagreement():
+    result = {
+        "cells": {
+            "0.21.0|0.5.5": _looped(BUILTIN, {"builtin": SERVED_NO_HIT, "_0201": SERVED_HIT}),
+        },
+        "seconds": {},
+    }
+    assert disagreements(result) == [
+        "0.21.0|0.5.5: patched serves with no hit, measured best a round trip"
+    ]
+
+
+def test_every_loop_the_shipped_table_holds_says_whether_its_round_trip_hit():
+    """The reader and the probe's words agree: a loop that served names a hit or no hit."""
+    served = [
+        text
+        for cell in SHIPPED["cells"].values()
+        for label in ("unpatched", "patched")
+        for text in cell.get(label, {}).get("candidates", {}).values()
+        if text.startswith("serves (")
+    ]
+    assert served
+    assert [t for t in served if round_trip(t) is None] == []

@@ -25,23 +25,15 @@ from vllm_patches.diagnosis.live import (
     worker_reached,
     works,
 )
-from vllm_patches.diagnosis.matrix import shipped, starts_with
-from vllm_patches.diagnosis.matrix.verdicts import BAD_VERDICTS
+from vllm_patches.diagnosis.matrix import cpu_round_trips, shipped, starts_with
 from vllm_patches.diagnosis.servers import ServerPool
+from vllm_patches.diagnosis.verdict import ENGINE_MEETS, SILENT
 from vllm_patches.errors import PatchToolError
 from vllm_patches.probes import PROBES
 from vllm_patches.series.manifest import CONNECTOR, load_manifest
 from vllm_patches.targets.find import installed_vllm
 
 STATIC = PROBES / "doctor_static.py"
-MEASURED_FAILURE = {
-    "hangs": "an engine hangs on its first request",
-    "wrong geometry": "a tensor-parallel worker reads and writes the wrong KV pieces",
-    "wrong blocks": "vLLM's scheduler loop finds the connector moving KV to or from the wrong "
-    "blocks",
-    "leaks": "vLLM's scheduler loop ends with KV blocks still held",
-}
-"""How doctor names a verdict of the table that a static check cannot see."""
 """doctor's static probe, run by path inside the target interpreter."""
 
 
@@ -219,11 +211,11 @@ class Diagnosis:
         if self.fails_here:
             error = data.get("chosen_error") or data.get("import_error", "")
             lines = [f"verdict: will fail when the engine starts: {_brief(error)}"]
-        elif verdict in BAD_VERDICTS:
+        elif verdict in SILENT:
             why = measured.get("steps", {}).get("geometry error") or measured.get("error", "")
             return [
                 "verdict: it starts, but measured with the serving-engine steps (pairing "
-                f"table) {MEASURED_FAILURE[verdict]}: {_brief(str(why))}",
+                f"table) {ENGINE_MEETS[verdict]}: {_brief(str(why))}",
                 f"fix: {_lmcache_advice(str(data['vllm']))}",
                 "fix: or check it here with vllm-patches doctor --live",
             ]
@@ -317,8 +309,19 @@ class LiveDiagnosis:
         return self.data.get("chosen_build", {})
 
     @property
+    def round_trip(self) -> str:
+        """Where the loop's second wave got no hit: what the pairing table measured of a KV
+        round trip on a CPU with this lmcache release ('' where it hit, or no loop ran)."""
+        if self.chosen.get("engine_loop", {}).get("hit", True):
+            return ""
+        lmcache = str(self.data.get("lmcache") or "")
+        release = Version(lmcache).public if lmcache else ""
+        return cpu_round_trips(shipped()).get(release, "not measured by the pairing table")
+
+    @property
     def ok(self) -> bool:
-        return "import_error" not in self.data and bool(works(self.chosen))
+        possible = self.round_trip.startswith("possible")
+        return "import_error" not in self.data and bool(works(self.chosen)) and not possible
 
     def fixes(self) -> list[str]:
         """What to do when the engine would fail."""
@@ -364,6 +367,8 @@ class LiveDiagnosis:
             out.append(f"geometry ({data.get('geometry_of', '')}): as it must, MLA off and on")
             if "engine_loop" in chosen:
                 out.append(f"vLLM's scheduler loop: {loop_text(chosen['engine_loop'])}")
+                if self.round_trip:
+                    out.append(f"KV round trip on a CPU (pairing table): {self.round_trip}")
                 out.append(f"only a GPU confirms: {GPU_ONLY}")
             else:
                 out.append(f"the first lookup again: {chosen.get('second_lookup', '')}")
@@ -389,21 +394,18 @@ def _failure(data: LayerBuild, chosen: CandidateBuild) -> str:
         return f"will fail when the engine starts: {_brief(data['import_error'])}"
     what = chosen.get("verdict")
     loop = chosen.get("engine_loop")
+    if loop is not None and loop.get("verdict") == "serves" and not loop.get("hit", True):
+        return (
+            f"the engine would serve without its cache: vLLM's scheduler loop {loop_text(loop)}, "
+            f"where the pairing table loaded equal bytes with lmcache {data.get('lmcache')}"
+        )
     if loop is not None and loop.get("verdict") != "serves":
-        sentence = {
-            "raises": "the engine would fail on its first requests",
-            "hangs": "the engine would hang on its first requests",
-            "wrong blocks": "the engine would serve wrong KV",
-            "leaks": "the engine would leak KV blocks",
-            "unverified": "not verified: a step of vLLM's scheduler loop cannot run on a CPU",
-        }[loop.get("verdict", "raises")]
+        sentence = ENGINE_MEETS[loop.get("verdict", "raises")]
         return f"{sentence}: vLLM's scheduler loop {loop_text(loop)}"
     if what == "hangs":
-        return f"the engine would hang: {_brief(chosen.get('hangs', ''))}"
+        return f"{ENGINE_MEETS['hangs']}: {_brief(chosen.get('hangs', ''))}"
     if what == "wrong geometry":
-        return "a tensor-parallel engine would read and write the wrong KV pieces: " + chosen.get(
-            "geometry_error", ""
-        )
+        return f"{ENGINE_MEETS['wrong geometry']}: {chosen.get('geometry_error', '')}"
     return f"will fail when the engine starts: {_brief(chosen.get('error', ''))}"
 
 

@@ -11,11 +11,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 from packaging.version import Version
 
 from vllm_patches._proc import logger, run_subprocess
+from vllm_patches.diagnosis.verdict import SERVING, LoopVerdict, Verdict
 from vllm_patches.errors import PatchToolError
 from vllm_patches.probes import PROBES
 from vllm_patches.sources.releases import cache_root, has_sdist, list_sdists, sdist_file
@@ -98,17 +99,12 @@ IMPORT_SECONDS = 300
 LAYER_SECONDS = 1800
 """The bound on the whole probe: importing vLLM, then per layer (every step inside is bounded
 by 30 s; this only catches a child stuck outside a step)."""
-Verdict = Literal[
-    "serves", "works", "fails", "hangs", "wrong geometry", "wrong blocks", "leaks", "unverified"
-]
-"""``serves``: vLLM's scheduler loop ran clean (``probes/engine_loop.py``); ``works``: the one
-engine step did, where the loop was not run (the release's test helpers were not at hand)."""
 
 
 class EngineLoop(TypedDict, total=False):
     """vLLM's own scheduler driving one candidate (``probes/engine_loop.engine_loop``)."""
 
-    verdict: Literal["serves", "raises", "hangs", "wrong blocks", "leaks", "unverified"]
+    verdict: LoopVerdict
     detail: str
     step: int
     steps: int
@@ -177,7 +173,7 @@ def works(candidate: CandidateBuild) -> bool | None:
     where it ran); None if not built, or where a CPU could not run a step of the loop."""
     if "constructs_scheduler" not in candidate or candidate.get("verdict") == "unverified":
         return None if candidate.get("subclass") else False
-    return candidate.get("verdict") in ("serves", "works")
+    return candidate.get("verdict") in SERVING
 
 
 def loop_text(loop: EngineLoop) -> str:

@@ -25,6 +25,7 @@ from vllm_patches.diagnosis.matrix.render import (
 from vllm_patches.diagnosis.matrix.verdicts import (
     any_works,
     counts,
+    cpu_round_trips,
     disagreements,
     pairs,
     serving_steps,
@@ -38,6 +39,7 @@ __all__ = [
     "any_works",
     "axes",
     "counts",
+    "cpu_round_trips",
     "disagreements",
     "load_results",
     "markdown",

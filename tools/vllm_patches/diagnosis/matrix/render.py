@@ -7,16 +7,17 @@ import json
 from pathlib import Path
 
 from vllm_patches.diagnosis.matrix.verdicts import (
-    BAD_VERDICTS,
     LABELS,
     Cell,
     connector_name,
+    cpu_round_trips,
     scheduler_loop,
     serving_steps,
     starts_with,
     table_axes,
     verdict,
 )
+from vllm_patches.diagnosis.verdict import SILENT
 from vllm_patches.errors import PatchToolError
 from vllm_patches.sources.releases import cache_root
 
@@ -26,7 +27,7 @@ def _cell_text(cell: Cell, label: str) -> str:
         return f"install failed: {cell['install_error'][:80]}"
     info = cell[label]
     what = verdict(cell, label)
-    text = f"{what.upper() if what in ('fails', *BAD_VERDICTS) else what}: {connector_name(info)}"
+    text = f"{what.upper() if what in ('fails', *SILENT) else what}: {connector_name(info)}"
     if what == "fails" and info["chosen"]:
         text += f" ({info['error'].split(':', 1)[0]})"
     return text
@@ -69,6 +70,11 @@ def summary(result: dict) -> str:
         lines.append(f"| {version}{mark} | {unpatched} | {patched} |")
     for note in notes:
         lines += ["", note]
+    trips = cpu_round_trips(result)
+    if trips:
+        head = "KV round trip on a CPU through vLLM's scheduler loop, by lmcache release:"
+        lines += ["", head, ""]
+        lines += [f"- lmcache {lm}: {what}" for lm, what in trips.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -140,14 +146,18 @@ the accelerator or at the missing KV cache registration is "not run here", with 
 geometry (what a worker of rank 1 in tensor-parallel size 2 hands lmcache, MLA off and on,
 against what it must). Every step runs under a 30 s bound.
 
-*works*: every step did; *HANGS*: a step did not return within its bound (the frame it blocked
-in is named); *WRONG GEOMETRY*: a tensor-parallel worker would read and write the wrong KV
-pieces; *clear error*: the series stopped at connector creation with its one error,
-because no candidate works; *FAILS*: the engine would die (the first error is named); *not
-built*: no server of that lmcache release runs here. Not measured (no GPU): registering the KV
-caches, the KV transfer itself, GPU KV formats, a cache hit returning the same tokens; on a
-CPU the server learns no prefix (the store is submitted from `wait_for_save`, which needs the
-registered KV caches), so a second lookup of the same prompt matches 0 tokens.
+*works*: every step did, and vLLM's own scheduler loop ran clean (`probes/engine_loop.py`:
+two waves of hashed requests, chunked prefill, decode, preemption and resume, the connector's
+delayed frees, a KV round trip on a CPU; rows marked \u2020 were measured with the one step
+only); *HANGS*: a step did not return within its bound (the frame it blocked in is named);
+*WRONG GEOMETRY*: a tensor-parallel worker would read and write the wrong KV pieces; *WRONG
+BLOCKS*: the connector asked a load or store of blocks the scheduler had not given that
+request; *LEAKS*: blocks were left held when every request had finished; *clear error*: the
+series stopped at connector creation with its one error, because no candidate works;
+*FAILS*: the engine would die (the first error, and in the loop its step and frame, are
+named); *not built*: no server of that lmcache release runs here. Not measured (no GPU): the
+KV cache registered by CUDA IPC, lmcache's GPU transfer kernels, GPU KV layouts, a real
+model's numerics.
 
 """
 
@@ -172,6 +182,8 @@ def pairs_lines(answer: dict) -> list[str]:
         f"works patched with lmcache: {answer['works_patched']}",
         f"works unpatched with lmcache: {answer['works_unpatched']}",
     ]
+    if answer.get("round_trip"):
+        lines.append(f"KV round trip on a CPU with that lmcache: {answer['round_trip']}")
     if answer["not_built"]:
         lines.append(
             "not built here (no server of that lmcache release runs on a CPU): "

@@ -7,15 +7,11 @@ import json
 
 from packaging.version import Version
 
+from vllm_patches.diagnosis.verdict import SILENT, TableVerdict
 from vllm_patches.errors import PatchToolError
 from vllm_patches.series.manifest import REPO_ROOT
 
 Cell = dict[str, object]
-
-
-BAD_VERDICTS = ("hangs", "wrong geometry", "wrong blocks", "leaks")
-"""Verdicts of a class that constructs yet would not serve: the engine hangs on a request,
-or a tensor-parallel worker reads and writes the wrong KV pieces."""
 
 
 LABELS = ("unpatched", "patched")
@@ -67,7 +63,7 @@ def connector_name(info: Cell) -> str:
     return short_name(chosen.rsplit(".", 1)[0])
 
 
-def verdict(cell: Cell, label: str) -> str:
+def verdict(cell: Cell, label: str) -> TableVerdict:
     """``works``, ``clear error``, ``fails``, ``does not import`` (vLLM's connector module,
     so no resolution ran) or ``not built`` (no server) for one side of a cell."""
     if "install_error" in cell:
@@ -81,7 +77,8 @@ def verdict(cell: Cell, label: str) -> str:
         return "not built"
     if clear_error(info):
         return "clear error"
-    return str(info.get("verdict")) if info.get("verdict") in BAD_VERDICTS else "fails"
+    measured = info.get("verdict")
+    return next((v for v in SILENT if v == measured), "fails")
 
 
 def starts_with(result: dict, version: str, label: str) -> str:
@@ -166,12 +163,77 @@ def any_works(cell: Cell) -> bool:
     )
 
 
+HIT = "every one equal to what the first wave wrote"
+"""How a loop's text (``probes/engine_loop.py``) says the second wave loaded the first's KV."""
+
+
+NO_HIT = "round trip: no hit"
+"""How it says the second wave got nothing from the connector."""
+
+
+def round_trip(text: str) -> bool | None:
+    """Whether a candidate's measured text shows the KV round trip on a CPU: True (equal
+    bytes loaded), False (no hit), None (no loop ran to the round trip)."""
+    if NO_HIT in text:
+        return False
+    return True if HIT in text else None
+
+
+def cpu_round_trips(result: dict) -> dict[str, str]:
+    """Per lmcache release whose server ran vLLM's scheduler loop: whether a KV round trip on
+    a CPU is possible with it, as the table measured it. A release is possible where some
+    candidate on some vLLM loaded equal bytes; not possible where every candidate that served,
+    on every vLLM, got no hit (the why: which candidates and releases tried)."""
+    tried: dict[str, dict[bool, set[tuple[str, str]]]] = {}
+    for key, cell in result["cells"].items():
+        version, lm = key.split("|")
+        for label in LABELS:
+            for name, text in cell.get(label, {}).get("candidates", {}).items():
+                got = round_trip(text)
+                if got is not None:
+                    tried.setdefault(lm, {True: set(), False: set()})[got].add((version, name))
+    found = {}
+    for lm in sorted(tried, key=Version):
+        hits, misses = tried[lm][True], tried[lm][False]
+        if hits:
+            found[lm] = f"possible: equal bytes loaded on vLLM {_releases(hits)}"
+            continue
+        names = ", ".join(sorted({n for _, n in misses}))
+        found[lm] = (
+            f"not possible on a CPU: the second wave got no hit from any connector that served "
+            f"({names}) on any vLLM measured ({_releases(misses)})"
+        )
+    return found
+
+
+def _releases(cells: set[tuple[str, str]]) -> str:
+    """``0.12.0`` or ``0.12.0-0.34.0, 31 releases``."""
+    versions = sorted({v for v, _ in cells}, key=Version)
+    if len(versions) == 1:
+        return versions[0]
+    return f"{versions[0]}\N{EN DASH}{versions[-1]}, {len(versions)} releases"
+
+
+def cell_round_trip(result: dict, version: str, lmcache: str) -> str:
+    """What the KV round trip on a CPU did with the class the patched vLLM chose in a cell."""
+    info = result["cells"][f"{version}|{lmcache}"]["patched"]
+    text = str(info.get("candidates", {}).get(connector_name(info), ""))
+    got = round_trip(text)
+    if got is None:
+        return "not measured (vLLM's scheduler loop did not run in this cell)"
+    if got:
+        stand_in = ", with the CUDA-event stand-in" if "with one stand-in" in text else ""
+        return f"equal bytes loaded, measured through vLLM's scheduler loop{stand_in}"
+    return cpu_round_trips(result)[lmcache]
+
+
 def disagreements(result: dict) -> list[str]:
     """Patched cells where the resolution's choice differs from the real builds.
 
     Where some candidate works, the chosen one must work; where none does, the series must stop
     with the clear error (or vLLM's connector module does not import at all, which
-    :func:`counts` reports apart: no resolution runs there).
+    :func:`counts` reports apart: no resolution runs there). Where some candidate of the cell
+    loaded the first wave's KV back, the chosen one must have.
     """
     found = []
     for key, cell in result["cells"].items():
@@ -181,6 +243,10 @@ def disagreements(result: dict) -> list[str]:
         want = "works" if any_works(cell) else "clear error"
         if patched != want and not (patched == "does not import" and want == "clear error"):
             found.append(f"{key}: patched {patched}, measured best {want}")
+        texts = cell["patched"].get("candidates", {})
+        chosen = round_trip(str(texts.get(connector_name(cell["patched"]), "")))
+        if chosen is False and any(round_trip(t) for t in texts.values()):
+            found.append(f"{key}: patched serves with no hit, measured best a round trip")
     return found
 
 
@@ -229,9 +295,11 @@ def pairs(result: dict, version: str) -> dict:
         )
     working = [r for r in rows if r["patched"] == "works"]
     fitting = [r for r in working if not r["pin_conflicts"]]
+    best = (fitting or working or [None])[0]
     return {
         "vllm": release,
-        "recommended": (fitting or working or [None])[0],
+        "recommended": best,
+        "round_trip": cell_round_trip(result, release, best["lmcache"]) if best else "",
         "works_patched": starts_with(result, release, "patched"),
         "works_unpatched": starts_with(result, release, "unpatched"),
         "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
