@@ -26,6 +26,8 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import RequestStatus
 from vllm.v1.utils import ConstantList
 
+_LMCACHE_ADAPTER_ERROR: ImportError | None = None
+
 try:
     from lmcache.integration.vllm.vllm_multi_process_adapter import (
         LMCacheMPSchedulerAdapter,
@@ -40,14 +42,13 @@ try:
         from lmcache.v1.multiprocess.custom_types import (
             BlockAllocationRecord as RequestAllocationRecord,
         )
-    _LMCACHE_ADAPTER_ERROR: ImportError | None = None
 except ImportError as e:
     # lmcache before 0.4.4 has no adapter this class speaks (no ParallelStrategy),
     # nor has vLLM's lmcache_integration here. The module still imports with it;
-    # constructing the class, whose adapters are then Any, says what is missing.
+    # constructing the class says what is missing.
     _LMCACHE_ADAPTER_ERROR = e
-    LMCacheMPSchedulerAdapter = LMCacheMPWorkerAdapter = LoadStoreOp = Any
-    ParallelStrategy = RequestAllocationRecord = Any
+    LMCacheMPSchedulerAdapter = LMCacheMPWorkerAdapter = LoadStoreOp = None
+    ParallelStrategy = RequestAllocationRecord = None
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
@@ -182,9 +183,11 @@ def _dataclass_arguments(
     cls: type, values: dict[str, Any], needs: tuple[tuple[str, ...], ...]
 ) -> dict[str, Any]:
     """Pick the keyword arguments of one of lmcache's dataclasses by name."""
+    if not is_dataclass(cls):
+        _unknown_lmcache_api(cls.__name__, "is not a dataclass")
     accepted = {
         f.name: f.default is MISSING and f.default_factory is MISSING
-        for f in (fields(cls) if is_dataclass(cls) else ())
+        for f in fields(cls)
         if f.init
     }
     return _lmcache_arguments(cls.__name__, accepted, values, needs)
@@ -236,7 +239,7 @@ def _create_lmcache_adapter(
     lmcache 0.5.0's scheduler adapter takes ``server_urls: list[str]`` where
     earlier releases, and every worker adapter, take ``server_url: str``.
     """
-    if adapter_cls is Any:
+    if _LMCACHE_ADAPTER_ERROR is not None:
         _unknown_lmcache_api(
             "multi-process adapter", f"does not import ({_LMCACHE_ADAPTER_ERROR})"
         )

@@ -196,9 +196,11 @@ def _dataclass_arguments(
     cls: type, values: dict[str, Any], needs: tuple[tuple[str, ...], ...]
 ) -> dict[str, Any]:
     """Pick the keyword arguments of one of lmcache's dataclasses by name."""
+    if not is_dataclass(cls):
+        _unknown_lmcache_api(cls.__name__, "is not a dataclass")
     accepted = {
         f.name: f.default is MISSING and f.default_factory is MISSING
-        for f in (fields(cls) if is_dataclass(cls) else ())
+        for f in fields(cls)
         if f.init
     }
     return _lmcache_arguments(cls.__name__, accepted, values, needs)
