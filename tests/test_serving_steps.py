@@ -6,12 +6,17 @@ The real builds against real servers are in ``test_serving.py``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from vllm_patches.diagnosis.live import built_text, failed_step, works
 from vllm_patches.probes import serving
+from vllm_patches.sources.venvs import lmcache_layer, vllm_env
 
 
 def _blocks_on_an_event() -> None:
@@ -163,18 +168,26 @@ def test_a_real_failure_of_a_worker_call_ends_the_drive(monkeypatch):
     assert "get_finished" not in worker.calls
 
 
-def test_what_rank_1_of_tp_2_must_send():
-    assert serving.expected_geometry(mla=False) == {
-        "kv_world_size": 2,
-        "kv_worker_id": 1,
-        "is_kv_writer": True,
-    }
-    # MLA: every TP rank holds the same KV; one piece, written by TP rank 0 only.
-    assert serving.expected_geometry(mla=True) == {
-        "kv_world_size": 1,
-        "kv_worker_id": 0,
-        "is_kv_writer": False,
-    }
+PARALLEL_STRATEGY = Path(__file__).parent / "programs" / "parallel_strategy.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("lmcache", ["0.4.7", "0.5.3", "0.5.6"])
+def test_what_rank_1_of_tp_2_must_send_is_what_lmcaches_own_parallel_strategy_derives(lmcache, mla):
+    """The probe's expected geometry, against lmcache's own derivation from vLLM's world size
+    and rank (0.4.7 on; 0.4.6 takes the pieces as given, so it cannot be the oracle)."""
+    python = vllm_env("0.21.0", "0.5.6")
+    layer = lmcache_layer(python, lmcache)
+    args = [str(serving.TP_SIZE), str(serving.RANK), str(serving.TP_SIZE), str(int(mla))]
+    proc = subprocess.run(
+        [str(python), str(PARALLEL_STRATEGY), *args],
+        env={**os.environ, "PYTHONPATH": str(layer)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert serving.expected_geometry(mla) == json.loads(proc.stdout)
 
 
 def test_a_forked_build_that_never_returns_is_killed_and_said(monkeypatch):
