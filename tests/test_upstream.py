@@ -95,9 +95,9 @@ def test_prepare_upstream_pr_on_the_newest_release(tmp_path, identity):
     headings = re.findall(r"^## .+$", template, re.MULTILINE)
     assert re.findall(r"^## .+$", pr, re.MULTILINE) == headings
     assert "- [ ] AI assistance was used during the creation of this PR." in pr
-    # 0003 and 0005's tests, none skipped (0003's non-dataclass ParallelStrategy case restored):
-    # the copy table's are in 0012 (vLLM 0.20/0.21 only).
-    assert "New tests: 46 of 46 passed; regressions: 0." in pr
+    # 0003 and 0005's tests, none skipped (0003 with its non-dataclass case restored and the
+    # adapter-call checks); the copy table's are in 0012 (vLLM 0.20/0.21 only).
+    assert "New tests: 49 of 49 passed; regressions: 0." in pr
     assert "KVCacheSpecKind" in pr  # the measured lmcache 0.5.6 on vLLM 0.21.0 example
     (tmp_path / "PR.md").write_text(pr)
 

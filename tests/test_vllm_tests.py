@@ -20,13 +20,13 @@ def test_no_regressions_and_0003_passes(cli, tmp_path, version):
     resolution = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_resolution" in t}
     copies = {t: o for t, o in outcomes.items() if "lmcache_mp_connector_copies" in t}
     factory = {t: o for t, o in outcomes.items() if "kv_connector_factory_module_path" in t}
-    # 46 + 6 tests (+ 16 of lmcache's copy table on the 0.20/0.21 bases, which have one),
+    # 49 + 6 tests (+ 16 of lmcache's copy table on the 0.20/0.21 bases, which have one),
     # passing whichever lmcache is installed (0.3.9.post2 on 0.12.0, which has no adapter: the
-    # tests give the connector lmcache-shaped fakes), none skipped. Six of the 46 are 0004's
+    # tests give the connector lmcache-shaped fakes), none skipped. Six of the 49 are 0004's
     # warnings: quiet where lmcache's module or class is missing (3), a warning with the
     # traceback where it raises (1), an unrecognised variable named (2).
     assert (len(resolution), len(copies), len(factory)) == (
-        (46, 16, 6) if version == "0.21.0" else (46, 0, 6)
+        (49, 16, 6) if version == "0.21.0" else (49, 0, 6)
     )
     assert set(resolution.values()) == set(factory.values()) == {"passed"}
     assert set(copies.values()) <= {"passed"}

@@ -134,6 +134,27 @@ _LOAD_STORE_OP_NEEDS = (
     ("end",),
     ("skip_first_n_tokens",),
 )
+# Given where lmcache takes them, else left to lmcache's defaults, and said.
+_ADAPTER_OPTIONAL = ("mq_timeout", "heartbeat_interval", "extra_config")
+# The adapter methods this connector calls after construction: each with how
+# many positional arguments it passes and the keywords it passes.
+_SCHEDULER_ADAPTER_CALLS = (
+    ("maybe_submit_lookup_request", 1, ("token_ids", "cache_salt")),
+    ("check_lookup_result", 1, ()),
+    ("num_blocks_per_chunk", 0, ()),
+    ("cleanup_lookup_result", 1, ()),
+    ("free_lookup_locks", 0, ("token_ids", "start", "end", "request_id")),
+    ("end_session", 1, ()),
+    ("report_block_allocations", 1, ()),
+)
+_WORKER_ADAPTER_CALLS = (
+    ("register_kv_caches", 1, ()),
+    ("batched_submit_retrieve_requests", 3, ("cache_salts",)),
+    ("batched_submit_store_requests", 3, ("cache_salts",)),
+    ("get_finished", 1, ()),
+    ("get_block_ids_with_load_errors", 0, ()),
+    ("shutdown", 0, ()),
+)
 
 
 def _unknown_lmcache_api(what: str, change: str) -> NoReturn:
@@ -193,6 +214,26 @@ def _dataclass_arguments(
     return _lmcache_arguments(cls.__name__, accepted, values, needs)
 
 
+def _check_adapter_calls(
+    adapter_cls: type, calls: tuple[tuple[str, int, tuple[str, ...]], ...]
+) -> None:
+    """Refuse an adapter that lacks a method this connector calls later, or
+    whose method does not take the arguments it will be given."""
+    problems = []
+    for method, positional, keywords in calls:
+        function = getattr(adapter_cls, method, None)
+        if not callable(function):
+            problems.append(f"has no {method}")
+            continue
+        arguments = [None] * (positional + 1)  # self, then the positional ones
+        try:
+            inspect.signature(function).bind(*arguments, **dict.fromkeys(keywords))
+        except TypeError as e:
+            problems.append(f"{method} does not take this call ({e})")
+    if problems:
+        _unknown_lmcache_api(adapter_cls.__name__, "; ".join(problems))
+
+
 def _lmcache_parallel_strategy(vllm_config: VllmConfig) -> ParallelStrategy:
     """Describe this rank to lmcache by the names of ParallelStrategy's fields.
 
@@ -228,6 +269,7 @@ def _lmcache_parallel_strategy(vllm_config: VllmConfig) -> ParallelStrategy:
 
 def _create_lmcache_adapter(
     adapter_cls: type[_AdapterT],
+    calls: tuple[tuple[str, int, tuple[str, ...]], ...],
     server_url: str,
     zmq_context: zmq.Context,
     vllm_config: VllmConfig,
@@ -254,15 +296,29 @@ def _create_lmcache_adapter(
         "parallel_strategy": _lmcache_parallel_strategy(vllm_config),
         "mq_timeout": mq_timeout,
         "heartbeat_interval": heartbeat_interval,
+        "extra_config": (
+            vllm_config.kv_transfer_config.kv_connector_extra_config
+            if vllm_config.kv_transfer_config is not None
+            else None
+        ),
     }
     accepted = {
         name: parameter.default is parameter.empty
         for name, parameter in inspect.signature(adapter_cls).parameters.items()
         if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     }
-    return adapter_cls(
-        **_lmcache_arguments(adapter_cls.__name__, accepted, values, _ADAPTER_NEEDS)
+    arguments = _lmcache_arguments(
+        adapter_cls.__name__, accepted, values, _ADAPTER_NEEDS
     )
+    _check_adapter_calls(adapter_cls, calls)
+    not_passed = [name for name in _ADAPTER_OPTIONAL if name not in arguments]
+    if not_passed:
+        logger.warning(
+            "lmcache's %s does not take %s; lmcache's defaults apply",
+            adapter_cls.__name__,
+            ", ".join(not_passed),
+        )
+    return adapter_cls(**arguments)
 
 
 def create_scheduler_adapter(
@@ -274,6 +330,7 @@ def create_scheduler_adapter(
 ) -> LMCacheMPSchedulerAdapter:
     return _create_lmcache_adapter(
         LMCacheMPSchedulerAdapter,
+        _SCHEDULER_ADAPTER_CALLS,
         server_url,
         zmq_context,
         vllm_config,
@@ -291,6 +348,7 @@ def create_worker_adapter(
 ) -> LMCacheMPWorkerAdapter:
     return _create_lmcache_adapter(
         LMCacheMPWorkerAdapter,
+        _WORKER_ADAPTER_CALLS,
         server_url,
         zmq_context,
         vllm_config,
