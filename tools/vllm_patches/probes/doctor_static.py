@@ -50,7 +50,9 @@ STAND_IN_CONFIG = SimpleNamespace(
     parallel_config=SimpleNamespace(
         world_size=1, rank=0, tensor_parallel_size=1, pipeline_parallel_size=1
     ),
+    kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}),
 )
+ADAPTERS = ("LMCacheMPSchedulerAdapter", "LMCacheMPWorkerAdapter")
 """What the series' name checks read of a VllmConfig: one rank, no MLA."""
 
 
@@ -80,26 +82,32 @@ def series_module(vllm_module: ModuleType | None, overlay: str | None) -> Module
 
 
 def stand_in(adapter: type) -> type:
-    """A class with ``adapter``'s name and signature whose construction does nothing. The
-    series' placeholder where lmcache has no adapter (``Any`` on the 0.12-0.18 bases, ``None``
-    on later ones) is kept: the builtin refuses it."""
+    """``adapter`` with its name, signature and methods, whose construction does nothing. The
+    series' placeholder where lmcache has no adapter (``None``; ``Any`` on the 0.12-0.18 bases
+    of series before 2026-12-03) is kept: the builtin refuses it."""
     if adapter is Any or adapter is None:
         return adapter
     namespace = {"__signature__": inspect.signature(adapter), "__init__": lambda _, **__: None}
-    return type(adapter.__name__, (), namespace)
+    return type(adapter.__name__, (adapter,), namespace)
 
 
 def adapter_error(series: ModuleType) -> str:
     """What the series' builtin raises at construction with the installed lmcache before it
-    connects ('' if nothing): its own name checks of ParallelStrategy, LoadStoreOp and both
-    adapters (``_create_lmcache_adapter``), with stand-ins for the adapters themselves."""
+    connects ('' if nothing): its own checks of ParallelStrategy, LoadStoreOp and both
+    adapters, through the module's public ``create_scheduler_adapter`` and
+    ``create_worker_adapter`` with stand-ins for the adapters themselves (the same calls in
+    every version of the series)."""
+    saved = {name: getattr(series, name) for name in ADAPTERS}
     try:
-        for adapter in (series.LMCacheMPSchedulerAdapter, series.LMCacheMPWorkerAdapter):
-            series._create_lmcache_adapter(
-                stand_in(adapter), NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0
-            )
+        for name, adapter in saved.items():
+            setattr(series, name, stand_in(adapter))
+        series.create_scheduler_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
+        series.create_worker_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
     except Exception as exc:
         return error_text(exc)
+    finally:
+        for name, adapter in saved.items():
+            setattr(series, name, adapter)
     return ""
 
 
