@@ -51,7 +51,10 @@ def test_unpatched_0_16_0_with_lmcache_0_4_6_hangs_on_its_first_hashed_lookup(cl
     assert _by_module(data)[MAIN]["verdict"] == "serves"
     code, out, _ = cli("doctor", "--live", "--python", python)
     assert code == 2
-    assert "verdict: the engine would hang: scheduler round trip: hangs: scheduler " in out
+    assert (
+        "verdict: the engine would hang on its first requests: scheduler round trip: hangs: "
+        "scheduler "
+    ) in out
 
 
 # Cells where none of lmcache's connectors works (it has none for vLLM 0.12/0.13, its copies
