@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tempfile
@@ -308,7 +309,7 @@ class LiveDiagnosis:
     def chosen(self) -> CandidateBuild:
         return self.data.get("chosen_build", {})
 
-    @property
+    @functools.cached_property
     def round_trip(self) -> str:
         """Where the loop's second wave got no hit: what the pairing table measured of a KV
         round trip on a CPU with this lmcache release ('' where it hit, or no loop ran)."""

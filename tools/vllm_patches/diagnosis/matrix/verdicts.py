@@ -214,10 +214,14 @@ def _releases(cells: set[tuple[str, str]]) -> str:
     return f"{versions[0]}\N{EN DASH}{versions[-1]}, {len(versions)} releases"
 
 
+def chosen_text(info: Cell) -> str:
+    """What the real build of the class one side of a cell chose did, in words."""
+    return str(info.get("candidates", {}).get(connector_name(info), ""))
+
+
 def cell_round_trip(result: dict, version: str, lmcache: str) -> str:
     """What the KV round trip on a CPU did with the class the patched vLLM chose in a cell."""
-    info = result["cells"][f"{version}|{lmcache}"]["patched"]
-    text = str(info.get("candidates", {}).get(connector_name(info), ""))
+    text = chosen_text(result["cells"][f"{version}|{lmcache}"]["patched"])
     got = round_trip(text)
     if got is None:
         return "not measured (vLLM's scheduler loop did not run in this cell)"
@@ -243,9 +247,8 @@ def disagreements(result: dict) -> list[str]:
         want = "works" if any_works(cell) else "clear error"
         if patched != want and not (patched == "does not import" and want == "clear error"):
             found.append(f"{key}: patched {patched}, measured best {want}")
-        texts = cell["patched"].get("candidates", {})
-        chosen = round_trip(str(texts.get(connector_name(cell["patched"]), "")))
-        if chosen is False and any(round_trip(t) for t in texts.values()):
+        texts = cell["patched"].get("candidates", {}).values()
+        if round_trip(chosen_text(cell["patched"])) is False and any(map(round_trip, texts)):
             found.append(f"{key}: patched serves with no hit, measured best a round trip")
     return found
 
