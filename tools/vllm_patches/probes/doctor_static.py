@@ -41,6 +41,7 @@ from connector_build import (
 from connector_build import (
     candidate as connector_class,
 )
+from serving import replaced
 
 SERIES_MODULE = "vllm_lmcache_mp_series"
 """The name the overlay file is imported under when vLLM's own module is not patched."""
@@ -97,17 +98,13 @@ def adapter_error(series: ModuleType) -> str:
     adapters, through the module's public ``create_scheduler_adapter`` and
     ``create_worker_adapter`` with stand-ins for the adapters themselves (the same calls in
     every version of the series)."""
-    saved = {name: getattr(series, name) for name in ADAPTERS}
+    stand_ins = {name: stand_in(getattr(series, name)) for name in ADAPTERS}
     try:
-        for name, adapter in saved.items():
-            setattr(series, name, stand_in(adapter))
-        series.create_scheduler_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
-        series.create_worker_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
+        with replaced(series, stand_ins):
+            series.create_scheduler_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
+            series.create_worker_adapter(NO_SERVER, None, STAND_IN_CONFIG, 1.0, 1.0)
     except Exception as exc:
         return error_text(exc)
-    finally:
-        for name, adapter in saved.items():
-            setattr(series, name, adapter)
     return ""
 
 

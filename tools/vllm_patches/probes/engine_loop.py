@@ -40,6 +40,7 @@ from serving import (
     error_text,
     fill,
     needs_device,
+    replaced,
     transfer_config,
 )
 
@@ -175,20 +176,18 @@ class CpuEvent:
         return None
 
 
-@contextlib.contextmanager
-def cuda_event_stand_in() -> Iterator[None]:
+def cuda_event_stand_in() -> contextlib.AbstractContextManager[None]:
     """``torch.cuda.Event``/``stream``/``current_stream`` for a CPU, for the loop only."""
     import torch
 
-    saved = {n: getattr(torch.cuda, n) for n in ("Event", "stream", "current_stream")}
-    torch.cuda.Event = lambda *a, **k: CpuEvent()  # type: ignore[assignment]
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
-    torch.cuda.current_stream = lambda *a, **k: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(torch.cuda, name, value)
+    return replaced(
+        torch.cuda,
+        {
+            "Event": lambda *a, **k: CpuEvent(),
+            "stream": lambda *a, **k: contextlib.nullcontext(),
+            "current_stream": lambda *a, **k: None,
+        },
+    )
 
 
 def flat_blocks(block_ids: Any) -> list[int]:

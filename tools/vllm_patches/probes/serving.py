@@ -125,6 +125,19 @@ WATCHDOG = _Watchdog()
 
 
 @contextlib.contextmanager
+def replaced(owner: Any, values: dict[str, Any]) -> Iterator[None]:
+    """``owner``'s attributes set to ``values`` for the body, then put back."""
+    saved = {name: getattr(owner, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(owner, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
 def bounded(step: str, seconds: float | None = None) -> Iterator[None]:
     """Run the body under a bound (:data:`STEP_SECONDS` unless given); past it, raise
     :class:`Hang` in the frame it blocked in. Bounds nest: an enclosing bound that ends
