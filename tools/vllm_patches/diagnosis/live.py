@@ -144,6 +144,8 @@ class CandidateBuild(TypedDict, total=False):
     geometry_detail: dict[str, Any]
     """Per MLA setting: ``sent``, ``expected``, ``fields``, ``ok`` (or ``error``); and ``ok``."""
     geometry_error: str
+    without_server: str
+    """Where no server ran: how constructing each role went, pointed where nothing listens."""
     engine_loop: EngineLoop
     seconds: float
 
@@ -217,6 +219,9 @@ def built_text(candidate: CandidateBuild) -> str:
     step = failed_step(candidate)
     if not step and verdict == "fails":
         return f"fails ({candidate.get('error', '')})"
+    if not step and "without_server" in candidate:
+        alone = candidate["without_server"]
+        return f"imports (not built: no server; constructed with nothing listening, {alone})"
     if not step:
         return "imports (not built: no server)"
     geometry = candidate.get("geometry_error")

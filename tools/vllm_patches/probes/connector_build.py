@@ -12,8 +12,8 @@ line: versions, the class ``LMCacheMPConnector`` resolves to, and every candidat
 a serving engine takes them (``serving.STEPS``): both roles constructed against
 the server, a request with real block hashes through the scheduler, the worker driven with
 the scheduler's metadata, and the TP 2 geometry; each step bounded, a hang is a verdict.
-Without a server, only imports and subclass are measured (``geometry_only``: and the
-geometry). The parent prints ``LAYER i exit code N``.
+Without a server: imports, subclass, and whether each role constructs with nothing listening
+(``geometry_only``: imports, subclass and the geometry). The parent prints ``LAYER i exit code N``.
 
 Its reader is ``diagnosis/live.py``, typed there as ``LayerBuild``.
 """
@@ -422,6 +422,44 @@ NO_SERVER = "tcp://127.0.0.1:1"
 """Where a geometry-only run points the connector: the geometry build stops before connecting."""
 
 
+def construct_alone(cls: type, config: Any, kv_config: Any, info: dict[str, Any]) -> None:
+    """Without a server: construct each role pointed at :data:`NO_SERVER` (nothing listens
+    there) and record the first refusal in ``without_server`` and ``error``. A refusal that
+    comes before connecting (the series' check of lmcache's adapter API) is a finding about
+    the cell; the reader decides which refusals are."""
+    for role in ("SCHEDULER", "WORKER"):
+        name = role.lower()
+        try:
+            with bounded(f"{name} constructs without a server"):
+                construct(cls, config, role, kv_config)
+        except Hang as hang:
+            info["without_server"] = f"the {name} hangs: {hang}"
+            return
+        except Exception as exc:
+            info["without_server"] = f"the {name} raises {error_text(exc)}"
+            info["error"] = f"constructs {name}: {error_text(exc)}"
+            return
+    info["without_server"] = "both roles construct"
+
+
+def build_each(
+    out: dict[str, Any],
+    found: list[tuple[dict[str, Any], Any]],
+    build_one: Callable[[int, dict[str, Any], type], None],
+) -> None:
+    """``build_one(index, info, cls)`` for every class found, each class once (the chosen
+    class is one of the candidates, and takes its build)."""
+    built: dict[type, dict[str, Any]] = {}
+    for index, (info, cls) in enumerate(found):
+        if cls in built:
+            info.update({k: v for k, v in built[cls].items() if k not in ("module", "builtin")})
+        elif cls is not None:
+            WATCHDOG.partial = ("BUILD", out, info)
+            build_one(index, info, cls)
+            built[cls] = info
+    WATCHDOG.partial = None
+
+
 def diagnose(
     server: str | None,
     model_dir: str,
@@ -432,7 +470,8 @@ def diagnose(
     """Everything one layer's lmcache gives with this vLLM; built for real when ``server``
     (and driven through vLLM's scheduler loop where ``test_utils``, the release's own
     ``tests/v1/kv_connector/unit/utils.py``, is given), only the geometry of each candidate
-    when ``geometry_only`` (no server needed)."""
+    when ``geometry_only`` (no server needed); without a server, each candidate's roles are
+    only constructed (``construct_alone``)."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
     out: dict[str, Any] = {"vllm": version("vllm"), "lmcache": version("lmcache")}
@@ -453,9 +492,9 @@ def diagnose(
         out["resolution"] = resolution(vllm_module)
         found.append(({"module": out["chosen"], "chosen": True}, chosen))
     out["candidates"] = [info for info, _ in found if not info.get("chosen")]
+    config = vllm_config(model_dir, server or NO_SERVER)
+    kv_config = kv_cache_config(config)
     if geometry_only:
-        config = vllm_config(model_dir, NO_SERVER)
-        kv_config = kv_cache_config(config)
         for info, cls in found:
             if cls is not None:
                 info["geometry_detail"] = geometry(
@@ -463,23 +502,20 @@ def diagnose(
                 )
         return out
     if server is None:
-        return out
-    config = vllm_config(model_dir, server)
-    kv_config = kv_cache_config(config)
-    out["not_on_a_cpu"] = NOT_ON_A_CPU
-    out["geometry_of"] = f"rank {RANK} of tensor-parallel size {TP_SIZE}"
-    given = test_utils and "import_error" not in out
-    loop = scheduler_loop(vllm_module, test_utils, model_dir, server) if given else None
-    out["engine_loop"] = bool(loop)
-    built: dict[type, dict[str, Any]] = {}
-    for index, (info, cls) in enumerate(found):
-        if cls in built:  # the chosen class is one of the candidates: built once
-            info.update({k: v for k, v in built[cls].items() if k not in ("module", "builtin")})
-        elif cls is not None:
-            WATCHDOG.partial = ("BUILD", out, info)
-            build(cls, config, kv_config, f"probe-{os.getpid()}-{index}", info, loop)
-            built[cls] = info
-    WATCHDOG.partial = None
+        build_each(out, found, lambda _, info, cls: construct_alone(cls, config, kv_config, info))
+    else:
+        out["not_on_a_cpu"] = NOT_ON_A_CPU
+        out["geometry_of"] = f"rank {RANK} of tensor-parallel size {TP_SIZE}"
+        given = test_utils and "import_error" not in out
+        loop = scheduler_loop(vllm_module, test_utils, model_dir, server) if given else None
+        out["engine_loop"] = bool(loop)
+        build_each(
+            out,
+            found,
+            lambda i, info, cls: build(
+                cls, config, kv_config, f"probe-{os.getpid()}-{i}", info, loop
+            ),
+        )
     out["chosen_build"] = found[-1][0] if "chosen" in out else {}
     return out
 

@@ -64,8 +64,9 @@ def connector_name(info: Cell) -> str:
 
 
 def verdict(cell: Cell, label: str) -> TableVerdict:
-    """``works``, ``clear error``, ``fails``, ``does not import`` (vLLM's connector module,
-    so no resolution ran) or ``not built`` (no server) for one side of a cell."""
+    """``works``, ``clear error`` (with or without a server: the series refuses before it
+    connects), ``fails``, ``does not import`` (vLLM's connector module, so no resolution ran)
+    or ``not built`` (no server, and no refusal before connecting) for one side of a cell."""
     if "install_error" in cell:
         return "fails"
     info = cell[label]
@@ -73,10 +74,10 @@ def verdict(cell: Cell, label: str) -> TableVerdict:
         return "does not import"
     if info["works"]:
         return "works"
-    if info["works"] is None:
-        return "not built"
     if clear_error(info):
         return "clear error"
+    if info["works"] is None:
+        return "not built"
     measured = info.get("verdict")
     return next((v for v in SILENT if v == measured), "fails")
 
