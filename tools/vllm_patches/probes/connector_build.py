@@ -420,6 +420,9 @@ def scheduler_loop(
 
 NO_SERVER = "tcp://127.0.0.1:1"
 """Where a geometry-only run points the connector: the geometry build stops before connecting."""
+ALONE_SECONDS = 5.0
+"""The bound on constructing a role with nothing listening: a refusal before connecting comes at
+once; a constructor that waits for its server (lmcache 0.4.4 and 0.4.5's) tells nothing more."""
 
 
 def construct_alone(cls: type, config: Any, kv_config: Any, info: dict[str, Any]) -> None:
@@ -430,7 +433,7 @@ def construct_alone(cls: type, config: Any, kv_config: Any, info: dict[str, Any]
     for role in ("SCHEDULER", "WORKER"):
         name = role.lower()
         try:
-            with bounded(f"{name} constructs without a server"):
+            with bounded(f"{name} constructs without a server", ALONE_SECONDS):
                 construct(cls, config, role, kv_config)
         except Hang as hang:
             info["without_server"] = f"the {name} hangs: {hang}"
