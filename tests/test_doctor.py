@@ -135,6 +135,15 @@ def test_doctor_patched(python, cli, monkeypatch, tmp_path):
         apply(site, revert=True)
 
 
+REFUSAL_0_4_3 = (
+    "RuntimeError: vLLM {}+cpu's LMCacheMPConnector does not know the adapter API of lmcache "
+    "0.4.3: its multi-process adapter does not import (cannot import name "
+    "'LMCacheEngineMetadata' from 'lmcache.config'). Install an lmcache release whose adapter "
+    "this vLLM knows (0.4.6 to 0.5.6 were checked), or set kv_connector_module_path to a "
+    "connector made for lmcache 0.4.3."
+)
+
+
 @pytest.mark.slow
 def test_patched_with_an_lmcache_before_its_adapter_the_module_imports_and_construction_says_so(
     python, cli, monkeypatch
@@ -152,15 +161,39 @@ def test_patched_with_an_lmcache_before_its_adapter_the_module_imports_and_const
     try:
         code, data = _doctor(cli, monkeypatch, python, "0.4.3")
         assert code == 2 and data["chosen"] == BUILTIN and data["chosen_builds"] is False
-        assert data["chosen_error"] == (
-            "RuntimeError: vLLM 0.21.0+cpu's LMCacheMPConnector does not know the adapter API of "
-            "lmcache 0.4.3: its multi-process adapter does not import (cannot import name "
-            "'LMCacheEngineMetadata' from 'lmcache.config'). Install an lmcache release whose "
-            "adapter this vLLM knows (0.4.6 to 0.5.6 were checked), or set "
-            "kv_connector_module_path to a connector made for lmcache 0.4.3."
-        )
+        assert data["chosen_error"] == REFUSAL_0_4_3.format("0.21.0")
     finally:
         apply(site, revert=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", ["0.21.0", "0.25.1"])
+def test_where_no_lmcache_server_runs_the_table_measures_the_series_refusal(release):
+    """No server of lmcache 0.4.3 runs on a CPU, yet the cell is measured: unpatched, vLLM's
+    module does not import; patched, it imports, and constructing the scheduler with nothing
+    listening stops with the one error naming both versions and the fix (the series checks
+    lmcache's adapter API before it connects). The shipped table says the same."""
+    cell = run_matrix([release], ["0.4.3"])["cells"][f"{release}|0.4.3"]
+    assert verdict(cell, "unpatched") == "does not import"
+    assert cell["unpatched"]["error"] == (
+        "ImportError: cannot import name 'LMCacheEngineMetadata' from 'lmcache.config'"
+    )
+    assert verdict(cell, "patched") == "clear error" and cell["patched"]["chosen"] == BUILTIN
+    # The table keeps the first 300 characters of an error.
+    refusal = REFUSAL_0_4_3.format(release)
+    assert cell["patched"]["error"] == f"constructs scheduler: {refusal}"[:300]
+    assert (
+        cell["patched"]["candidates"]["builtin"]
+        == (
+            "imports (not built: no server; constructed with nothing listening, the scheduler "
+            f"raises {refusal})"
+        )[:300]
+    )
+    table = shipped()["cells"][f"{release}|0.4.3"]
+    assert (verdict(table, "unpatched"), verdict(table, "patched")) == (
+        "does not import",
+        "clear error",
+    )
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from vllm_patches.diagnosis.live import built_text, failed_step, works
+from vllm_patches.diagnosis.matrix import verdict
 from vllm_patches.probes import serving
 from vllm_patches.sources.venvs import lmcache_layer, vllm_env
 
@@ -241,6 +242,34 @@ def test_the_verdict_words_name_the_step_and_works_needs_every_step():
     assert failed_step(both) == "scheduler constructs"
     assert works(_candidate(constructs_scheduler=True, verdict="works")) is True
     assert works(_candidate()) is None  # imports, never built: no server
+
+
+def test_without_a_server_only_the_series_refusal_before_connecting_is_a_verdict():
+    """No server: the roles are constructed with nothing listening. The series' refusal (it
+    checks lmcache's adapter API before connecting) is the cell's clear error; any other
+    refusal, or a class that constructs, leaves the cell not built."""
+    refusal = (
+        "RuntimeError: vLLM 0.25.1+cpu's LMCacheMPConnector does not know the adapter API of "
+        "lmcache 0.4.1: its multi-process adapter does not import (...)"
+    )
+    refused = _candidate(
+        without_server=f"the scheduler raises {refusal}",
+        error=f"constructs scheduler: {refusal}",
+    )
+    assert works(refused) is None
+    assert built_text(refused) == (
+        "imports (not built: no server; constructed with nothing listening, the scheduler "
+        f"raises {refusal})"
+    )
+    side = {"chosen": "vllm.x.LMCacheMPConnectorUpstream", "works": None}
+    assert verdict({"patched": {**side, "error": refused["error"]}}, "patched") == "clear error"
+    other = "constructs scheduler: TypeError: __init__() takes 3 positional arguments"
+    assert verdict({"patched": {**side, "error": other}}, "patched") == "not built"
+    assert verdict({"patched": {**side, "error": ""}}, "patched") == "not built"
+    constructed = _candidate(without_server="both roles construct")
+    assert built_text(constructed) == (
+        "imports (not built: no server; constructed with nothing listening, both roles construct)"
+    )
 
 
 @pytest.mark.parametrize(
