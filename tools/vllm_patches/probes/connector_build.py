@@ -495,6 +495,8 @@ def diagnose(
         out["resolution"] = resolution(vllm_module)
         found.append(({"module": out["chosen"], "chosen": True}, chosen))
     out["candidates"] = [info for info, _ in found if not info.get("chosen")]
+    if server is None and all(cls is None for _, cls in found):
+        return out  # nothing imports (a config naming the connector may not even be valid)
     config = vllm_config(model_dir, server or NO_SERVER)
     kv_config = kv_cache_config(config)
     if geometry_only:
