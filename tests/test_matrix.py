@@ -267,6 +267,36 @@ def test_rows_measured_by_the_earlier_probe_are_marked_and_pairs_says_so():
     assert not any("earlier probe" in line for line in pairs_lines(pairs(result, "0.21.0")))
 
 
+def test_pairs_names_the_releases_the_series_refuses_apart_from_those_not_built():
+    refused = _cell(False, BUILTIN)
+    refused["patched"] = {
+        **refused["patched"],
+        "works": None,
+        "error": "constructs scheduler: RuntimeError: vLLM 0.25.1+cpu's LMCacheMPConnector "
+        "does not know the adapter API of lmcache 0.4.3: ...",
+    }
+    waits = _cell(False, BUILTIN)
+    waits["patched"] = {**waits["patched"], "works": None}
+    result = {
+        "cells": {
+            "0.25.1|0.4.3": refused,
+            "0.25.1|0.4.5": waits,
+            "0.25.1|0.4.6": _cell(True, BUILTIN),
+        }
+    }
+    lines = pairs_lines(pairs(result, "0.25.1"))
+    assert lines[:5] == [
+        "vLLM 0.25.1: install lmcache==0.4.6 and apply the series (connector: builtin; pins fit)",
+        "works patched with lmcache: 0.4.6 (builtin)",
+        "works unpatched with lmcache: 0.4.6 (builtin)",
+        "KV round trip on a CPU with that lmcache: not measured (vLLM's scheduler loop did not "
+        "run in this cell)",
+        "stops at start-up with the series' one error naming both versions and the fix (the "
+        "builtin does not know that lmcache's adapter API; measured, no server needed): 0.4.3",
+    ]
+    assert lines[5] == "not built here (no server of that lmcache release runs on a CPU): 0.4.5"
+
+
 def test_rows_not_yet_through_the_scheduler_loop_are_marked_and_explained():
     builtin = "vllm.distributed.kv_transfer.kv_connector.v1.lmcache_mp_connector.X"
     result = {

@@ -153,11 +153,14 @@ only); *HANGS*: a step did not return within its bound (the frame it blocked in 
 *WRONG GEOMETRY*: a tensor-parallel worker would read and write the wrong KV pieces; *WRONG
 BLOCKS*: the connector asked a load or store of blocks the scheduler had not given that
 request; *LEAKS*: blocks were left held when every request had finished; *clear error*: the
-series stopped at connector creation with its one error, because no candidate works;
-*FAILS*: the engine would die (the first error, and in the loop its step and frame, are
-named); *not built*: no server of that lmcache release runs here. Not measured (no GPU): the
-KV cache registered by CUDA IPC, lmcache's GPU transfer kernels, GPU KV layouts, a real
-model's numerics.
+series stopped at connector creation with its one error, because no candidate works (where
+no server of that lmcache runs here, measured by constructing the class with nothing
+listening: the series checks lmcache's adapter API before it connects); *FAILS*: the engine
+would die (the first error, and in the loop its step and frame, are named); *not built*: no
+server of that lmcache release runs here (and where the class was constructed with nothing
+listening, it did not refuse: lmcache 0.4.4 and 0.4.5's constructors wait for their server).
+Not measured (no GPU): the KV cache registered by CUDA IPC, lmcache's GPU transfer kernels, GPU
+KV layouts, a real model's numerics.
 
 """
 
@@ -184,6 +187,12 @@ def pairs_lines(answer: dict) -> list[str]:
     ]
     if answer.get("round_trip"):
         lines.append(f"KV round trip on a CPU with that lmcache: {answer['round_trip']}")
+    if answer.get("clear_error"):
+        lines.append(
+            "stops at start-up with the series' one error naming both versions and the fix "
+            "(the builtin does not know that lmcache's adapter API; measured, no server needed): "
+            + ", ".join(answer["clear_error"])
+        )
     if answer["not_built"]:
         lines.append(
             "not built here (no server of that lmcache release runs on a CPU): "

@@ -306,6 +306,7 @@ def pairs(result: dict, version: str) -> dict:
         "round_trip": cell_round_trip(result, release, best["lmcache"]) if best else "",
         "works_patched": starts_with(result, release, "patched"),
         "works_unpatched": starts_with(result, release, "unpatched"),
+        "clear_error": [r["lmcache"] for r in reversed(rows) if r["patched"] == "clear error"],
         "not_built": [r["lmcache"] for r in reversed(rows) if r["patched"] == "not built"],
         "measured": result.get("measured", {}),
         "serving_steps": serving_steps(result, release),
