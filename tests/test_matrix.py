@@ -165,8 +165,10 @@ def test_each_default_lmcache_fits_vllms_pins_and_works_where_that_was_measured(
             ]
         else:
             assert not cell["pin_conflicts"], version
-        # lmcache 0.4.5 and older have no server that runs on a CPU: not built here.
-        assert verdict(cell, "patched") in ("works", "not built"), version
+        # lmcache 0.4.5 and older have no server that runs on a CPU: the patched module imports
+        # with them, and building the connector stops with the series' one error where it
+        # does not know their adapter (measured without a server), else is not built here.
+        assert verdict(cell, "patched") in ("works", "clear error", "not built"), version
 
 
 @pytest.mark.network

@@ -59,7 +59,8 @@ TEST_DEPS = ("pytest", "pytest-asyncio", "tblib", "msgpack", "ray")
 
 
 def default_lmcache(version: str) -> str:
-    """An lmcache release that vLLM ``version`` starts with, patched (:data:`DEFAULT_LMCACHE`)."""
+    """An lmcache release that fits vLLM ``version``'s pins and that the patched vLLM imports
+    with (:data:`DEFAULT_LMCACHE`)."""
     chosen = DEFAULT_LMCACHE[0][1]
     for first, lmcache in DEFAULT_LMCACHE:
         if Version(version) >= Version(first):
