@@ -419,7 +419,8 @@ def scheduler_loop(
 
 
 NO_SERVER = "tcp://127.0.0.1:1"
-"""Where a geometry-only run points the connector: the geometry build stops before connecting."""
+"""Where a run without a server points the connector (nothing listens there): the geometry
+build stops before connecting, and ``construct_alone`` records what constructing does."""
 ALONE_SECONDS = 5.0
 """The bound on constructing a role with nothing listening: a refusal before connecting comes at
 once; a constructor that waits for its server (lmcache 0.4.4 and 0.4.5's) tells nothing more."""
