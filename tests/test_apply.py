@@ -15,6 +15,7 @@ from conftest import (
     tree_snapshot,
     upstream_patches,
 )
+from packaging.version import Version
 from vllm_patches.series.manifest import CONNECTOR, OVERLAY_DIR, sha256_bytes
 from vllm_patches.sources.releases import cache_root, download_wheel
 
@@ -48,6 +49,8 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
     # tests the copy table of 0.20.x/0.21.0.
     copies = version in ("0.20.0", "0.20.1", "0.20.2", "0.21.0")
     carried = [1, 2, 3, 4, 5, 7, 8, 9, 10]
+    if Version(version) < Version("0.20.0"):  # 0000: vLLM 0.21.0's class, which 0001 is for
+        carried.insert(0, 0)
     if version == "0.34.0":
         carried.insert(5, 6)
     if version in ("0.12.0", "0.13.0"):
@@ -84,6 +87,8 @@ def test_git_checkout_round_trip(manifest, git_tree, cli, apply_cli, version):
         connector.append(
             "[KVConnector][LMCache] Resolve LMCacheMPConnector to lmcache's implementation"
         )
+    if Version(version) < Version("0.20.0"):
+        connector.append("[KVConnector][LMCache] Carry vLLM 0.21.0's LMCacheMPConnector")
     if version in ("0.12.0", "0.13.0"):
         factory.insert(
             0, "[KVConnector][LMCache] Track the blocks vLLM 0.12 and 0.13 allocate per call"
@@ -118,7 +123,8 @@ def test_a_release_that_ships_wheels_only(manifest, tmp_path, cli, apply_cli, ve
     assert connector_bytes(tree) == _overlay(manifest, "0.14.0")
     assert cli("status", "--vllm-version", version, tree)[1].splitlines() == [
         "patched",
-        f"source tree {tree} (vLLM {version}): 0001 applied, 0002 applied, 0004 applied, "
+        f"source tree {tree} (vLLM {version}): 0000 applied, 0001 applied, 0002 applied, "
+        "0004 applied, "
         "0007 applied, 0008 applied, 0009 applied",
     ]
     assert apply_cli("--revert", "--vllm-version", version, tree)[0] == 0
@@ -398,9 +404,10 @@ def test_site_round_trip_keeps_record_true(manifest, fake_site, cli, apply_cli, 
     assert code == 0 and out.splitlines()[0] == "patched"
     eight = "upstream" if version == "0.21.0" else "applied"
     eleven = ", 0011 applied" if version == "0.12.0" else ""
+    zero = "0000 applied, " if version == "0.12.0" else ""
     assert (
-        f"0001 applied, 0002 applied, 0004 applied, 0007 applied, 0008 {eight}, 0009 applied"
-        f"{eleven}\n" in out
+        f"{zero}0001 applied, 0002 applied, 0004 applied, 0007 applied, 0008 {eight}, "
+        f"0009 applied{eleven}\n" in out
     )
     assert "0003" not in out and "0010" not in out
     assert_record_true(site)

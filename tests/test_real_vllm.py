@@ -181,6 +181,9 @@ def test_broken_lmcache_module_falls_back(patched, tmp_path, source, reason):
     assert f"({LMCACHE_MODULE}: {reason}" in line
 
 
+# On 0.12.0 the module after 0000 and 0001 does not import with lmcache 0.3.9.post2 at all
+# (it has no multi-process adapter), so upstream's resolution is shown where the module imports.
+@pytest.mark.parametrize("patched", ["0.21.0", "0.33.0"], indirect=True)
 def test_broken_lmcache_module_crashes_upstreams_resolution(patched, tmp_path):
     """Why 0004 exists: with 0001 alone, a RuntimeError at import stops vLLM."""
     version, python, site, _ = patched

@@ -77,7 +77,7 @@ def test_manifest_covers_every_release(manifest):
     assert not set(SUPPORTED) & set(manifest.unsupported)  # supported or refused, not both
     referenced = {p for g in manifest.groups.values() for p in g.patches}
     assert referenced == {p.relative_to(PATCHES_DIR).as_posix() for p in ALL_PATCHES}
-    every = [f"{n:04d}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
+    every = [f"{n:04d}" for n in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)]
     tests = {"0003", "0005", "0010", "0012"}
     for version in SUPPORTED:
         upstream = upstream_patches(version)
@@ -90,6 +90,10 @@ def test_manifest_covers_every_release(manifest):
         carried = [n for n in every if n not in upstream and not (wheel_only and n in tests)]
         if Version(version) < Version("0.34.0"):
             carried.remove("0006")
+        # 0000 brings a release's own class to vLLM 0.21.0's, which 0001 and 0002 are for;
+        # vLLM 0.20.0 and later ship that class.
+        if Version(version) >= Version("0.20.0"):
+            carried.remove("0000")
         # 0011 answers vLLM 0.12/0.13's update_state_after_alloc (the blocks of one call).
         if version not in ("0.12.0", "0.13.0"):
             carried.remove("0011")
@@ -99,6 +103,7 @@ def test_manifest_covers_every_release(manifest):
         assert numbers == carried
     assert manifest.patches["0001"].first_release == "0.22.0"
     assert manifest.patches["0008"].first_release == "0.20.0"
+    assert manifest.patches["0000"].only_before == "0.20.0"
 
 
 @pytest.mark.parametrize("name", sorted(load_manifest().groups))
@@ -178,3 +183,88 @@ def test_overlay_passes_vllms_ruff_config(manifest, overlay, tmp_path):
             cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# Where a release before 0.20.0 differs from vLLM 0.21.0's file once 0000 carries it there:
+# its vLLM has no ParallelStrategy in lmcache_integration, so only lmcache's adapter is
+# imported, and its KVConnectorBase_V1 takes kv_cache_config as optional.
+_IMPORTS_021 = """try:
+    from lmcache.integration.vllm.vllm_multi_process_adapter import (
+        LMCacheMPSchedulerAdapter,
+        LMCacheMPWorkerAdapter,
+        LoadStoreOp,
+        ParallelStrategy,
+    )
+
+    try:
+        from lmcache.v1.multiprocess.custom_types import RequestAllocationRecord
+    except ImportError:
+        from lmcache.v1.multiprocess.custom_types import (
+            BlockAllocationRecord as RequestAllocationRecord,
+        )
+except ImportError:
+    from lmcache.v1.multiprocess.custom_types import (
+        BlockAllocationRecord as RequestAllocationRecord,
+    )
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_integration import (
+        LMCacheMPSchedulerAdapter,
+        LMCacheMPWorkerAdapter,
+        LoadStoreOp,
+        ParallelStrategy,
+    )
+"""
+_IMPORTS_OLD = """try:
+    from lmcache.v1.multiprocess.custom_types import RequestAllocationRecord
+except ImportError:
+    from lmcache.v1.multiprocess.custom_types import (
+        BlockAllocationRecord as RequestAllocationRecord,
+    )
+"""
+_UTILS = "from lmcache.integration.vllm.utils import mla_enabled\n"
+_ADAPTER = """from lmcache.integration.vllm.vllm_multi_process_adapter import (
+    LMCacheMPSchedulerAdapter,
+    LMCacheMPWorkerAdapter,
+    LoadStoreOp,
+    ParallelStrategy,
+)
+"""
+_KV_CACHE_CONFIG = ('        kv_cache_config: "KVCacheConfig",\n',
+                    '        kv_cache_config: "KVCacheConfig | None" = None,\n')  # fmt: skip
+_ATTENTION_METADATA_012 = (
+    "from vllm.v1.attention.backend import AttentionMetadata\n",
+    "from vllm.attention.backends.abstract import AttentionMetadata\n",
+)
+
+
+def _with_older_imports(text: bytes, release: str) -> bytes:
+    """vLLM 0.21.0's (or 0.22.0's) file with the imports of a release before 0.20.0."""
+    out = text.decode()
+    for old, new in (
+        (_IMPORTS_021, _IMPORTS_OLD),
+        (_UTILS, _UTILS + _ADAPTER),
+        _KV_CACHE_CONFIG,
+    ):
+        assert out.count(old) == 1
+        out = out.replace(old, new)
+    if release == "0.12.0":  # vLLM 0.12's AttentionMetadata is in vllm.attention
+        old, new = _ATTENTION_METADATA_012
+        out = out.replace(old, "").replace(
+            "from vllm.config import VllmConfig\n", new + "from vllm.config import VllmConfig\n"
+        )
+    return out.encode()
+
+
+@pytest.mark.parametrize("release", ["0.12.0", "0.14.0", "0.16.0", "0.17.0", "0.18.0"])
+@pytest.mark.network
+def test_0000_carries_021s_class_so_that_0001_is_upstreams_change(manifest, release):
+    """On the bases before 0.20.0, 0000 yields vLLM 0.21.0's file and 0001 then vLLM 0.22.0's
+    (upstream's change, #42596), each but for the release's imports; 0002 is the rest."""
+    group = manifest.groups[f"connector-{release}"]
+    assert group.numbers[:3] == ("0000", "0001", "0002")
+    base = read_sdist_file(release, CONNECTOR)
+    carried, resolved = apply_to_bytes(
+        CONNECTOR, base, [PATCHES_DIR / p for p in group.patches[:2]]
+    )
+    assert carried == _with_older_imports(read_sdist_file("0.21.0", CONNECTOR), release)
+    assert resolved == _with_older_imports(read_sdist_file("0.22.0", CONNECTOR), release)
