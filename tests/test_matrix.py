@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import SUPPORTED
 from packaging.version import Version
+from vllm_patches._git import git_ok
 from vllm_patches.diagnosis.matrix import (
     FIRST_LMCACHE,
     cpu_round_trips,
@@ -115,6 +116,20 @@ def test_the_shipped_table_names_what_it_measured_and_no_machine_paths():
         held = [lm for stamp in stamps for lm in stamp["lmcache"]]
         assert len(held) == len(set(held)) and set(held) <= set(measured["lmcache"])
         assert all(stamp["date"] <= measured["date"] for stamp in stamps)
+
+
+def test_every_row_stamp_names_a_commit_of_this_history():
+    """A row's stamp names the series its cells were measured with, and `pairs` prints it: a
+    reader must be able to check that commit out (in a clone with its history; a shallow clone
+    fails here). Rows stamped with commits since rewritten away were measured again
+    (2026-12-03)."""
+    stamps = {stamp["commit"] for runs in SHIPPED["measured"]["rows"].values() for stamp in runs}
+    missing = [
+        c[:12]
+        for c in sorted(stamps)
+        if not git_ok(["cat-file", "-e", f"{c}^{{commit}}"], REPO_ROOT)
+    ]
+    assert missing == []
 
 
 def test_merge_orders_releases_as_versions_and_summary_joins_runs():
@@ -243,6 +258,9 @@ def test_merge_onto_an_earlier_table_replaces_the_rows_it_measured():
         {"date": "2026-12-02", "commit": "later", "lmcache": ["0.4.5"]},
     ]
     assert pairs_lines(pairs(final, "0.21.0"))[-1] == "measured 2026-12-03 (vllm-lmcache-mp whole)"
+    # Every cell now has its own stamp: the table names only the commits its cells hold.
+    assert again["measured"]["commit"] == "later, new, old1, old2"
+    assert final["measured"]["commit"] == "whole, later, new"
     # A one-run table from before then stamps its rows with its own date and commit.
     older = {**new, "measured": {k: v for k, v in new["measured"].items() if k != "rows"}}
     assert merge([older], onto=earlier)["measured"] == merged["measured"]

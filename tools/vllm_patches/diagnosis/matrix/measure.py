@@ -292,12 +292,23 @@ def merge(parts: list[dict], onto: dict | None = None) -> dict:
     if stamps:
         merged["measured"] = {
             "date": max(s["date"] for s in stamps),
-            "commit": ", ".join(dict.fromkeys(s["commit"] for s in stamps)),
+            "commit": _commits_held(stamps, rows, merged["cells"]),
             "vllm": sorted({v for s in stamps for v in s["vllm"]}, key=Version),
             "lmcache": sorted({lm for s in stamps for lm in s["lmcache"]}, key=Version),
             "rows": dict(sorted(rows.items(), key=lambda kv: Version(kv[0]))),
         }
     return merged
+
+
+def _commits_held(stamps: list[dict], rows: dict[str, list[dict]], cells: dict) -> str:
+    """The commits the table's cells were measured with, newest run first: those of the row
+    stamps, or every one the runs name where some cell predates row stamps."""
+    named = [c for s in stamps for c in s["commit"].split(", ")]
+    stamped = {f"{v}|{lm}" for v, runs in rows.items() for s in runs for lm in s["lmcache"]}
+    if not set(cells) <= stamped:
+        return ", ".join(dict.fromkeys(named))
+    held = {s["commit"] for runs in rows.values() for s in runs}
+    return ", ".join(dict.fromkeys(c for c in named if c in held))
 
 
 def _stamp(date: str, commit: str, lmcache: list[str]) -> dict:
