@@ -231,27 +231,23 @@ _ADAPTER = """from lmcache.integration.vllm.vllm_multi_process_adapter import (
 """
 _KV_CACHE_CONFIG = ('        kv_cache_config: "KVCacheConfig",\n',
                     '        kv_cache_config: "KVCacheConfig | None" = None,\n')  # fmt: skip
+_CONFIG = "from vllm.config import VllmConfig\n"
+# vLLM 0.12's AttentionMetadata is in vllm.attention, which sorts before vllm.config.
 _ATTENTION_METADATA_012 = (
-    "from vllm.v1.attention.backend import AttentionMetadata\n",
-    "from vllm.attention.backends.abstract import AttentionMetadata\n",
+    ("from vllm.v1.attention.backend import AttentionMetadata\n", ""),
+    (_CONFIG, "from vllm.attention.backends.abstract import AttentionMetadata\n" + _CONFIG),
 )
 
 
 def _with_older_imports(text: bytes, release: str) -> bytes:
     """vLLM 0.21.0's (or 0.22.0's) file with the imports of a release before 0.20.0."""
     out = text.decode()
-    for old, new in (
-        (_IMPORTS_021, _IMPORTS_OLD),
-        (_UTILS, _UTILS + _ADAPTER),
-        _KV_CACHE_CONFIG,
-    ):
+    replacements = [(_IMPORTS_021, _IMPORTS_OLD), (_UTILS, _UTILS + _ADAPTER), _KV_CACHE_CONFIG]
+    if release == "0.12.0":
+        replacements += _ATTENTION_METADATA_012
+    for old, new in replacements:
         assert out.count(old) == 1
         out = out.replace(old, new)
-    if release == "0.12.0":  # vLLM 0.12's AttentionMetadata is in vllm.attention
-        old, new = _ATTENTION_METADATA_012
-        out = out.replace(old, "").replace(
-            "from vllm.config import VllmConfig\n", new + "from vllm.config import VllmConfig\n"
-        )
     return out.encode()
 
 
